@@ -1,0 +1,7 @@
+"""brpg-lightning: Boundary-Refined Prototype Generation for semi-supervised semantic segmentation.
+
+Paper: "Boundary-Refined Prototype Generation: A General End-to-End Paradigm for Semi-Supervised
+Semantic Segmentation". See ``docs/architecture.md`` for where each equation lives.
+"""
+
+__version__ = "0.1.0"

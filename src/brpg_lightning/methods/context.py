@@ -1,0 +1,84 @@
+"""The seam between a method and step-level plug-ins such as the BRPG callback.
+
+Every semi-supervised method (mean teacher now; FixMatch and CPS later) builds one
+:class:`TrainStepContext` per training step, after its own losses and before the backward pass, and
+hands it to every ``trainer.callbacks`` entry that implements :class:`StepContextHook`. A hook reads
+the tensors it needs and adds loss terms with :meth:`TrainStepContext.add_loss`; the method sums
+``ctx.losses`` into the loss it returns to Lightning. Nothing else of the method is touched from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from brpg_lightning.models.output import SegmentorOutput
+
+
+@dataclass
+class TrainStepContext:
+    """Tensors of one training step (shapes: ``B_l`` labeled, ``B_u`` unlabeled, crop ``H x W``,
+    decoder resolution ``h x w``).
+
+    Attributes:
+        epoch: current epoch (0-based; an epoch is one pass over the unlabeled set).
+        global_step: optimiser steps done before this one.
+        total_steps: optimiser steps of the whole run (``trainer.estimated_stepping_batches``).
+        labeled: student forward on the labeled weak view (logits, features, decoder), with grad.
+        labels: ground truth ``(B_l, H, W)`` long, ``IGNORE_INDEX`` where void or padding.
+        unlabeled_teacher: teacher forward on the unlabeled weak view (no grad), or ``None`` while
+            the method has no unlabeled branch (e.g. mean teacher's supervised-only warm-up).
+        unlabeled_student: student forward on the unlabeled strong view (colour jitter + CutMix), with grad.
+        pseudo_labels: teacher pseudo-labels of the strong view ``(B_u, H, W)`` long, mixed with the
+            same CutMix boxes as the image; ``IGNORE_INDEX`` on padding. Not filtered by the method's
+            unsupervised filter (each consumer applies its own threshold).
+        pseudo_confidence: teacher max-softmax of the strong view ``(B_u, H, W)`` float, mixed alike;
+            0 on padding.
+        losses: loss terms, already weighted, summed by the method into the returned loss.
+    """
+
+    epoch: int
+    global_step: int
+    total_steps: int
+    labeled: SegmentorOutput
+    labels: Tensor
+    unlabeled_teacher: SegmentorOutput | None = None
+    unlabeled_student: SegmentorOutput | None = None
+    pseudo_labels: Tensor | None = None
+    pseudo_confidence: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def has_unlabeled(self) -> bool:
+        """True when the unlabeled tensors are filled in."""
+        return self.unlabeled_teacher is not None and self.unlabeled_student is not None
+
+    def add_loss(self, name: str, value: Tensor) -> None:
+        """Add a (weighted) loss term; it joins the backward pass of this step.
+
+        Raises ``ValueError`` for a duplicate name, and ``FloatingPointError`` for a non-finite value
+        (a NaN loss must never reach the optimiser silently).
+        """
+        if name in self.losses:
+            raise ValueError(f"loss {name!r} was already added this step")
+        if not torch.isfinite(value.detach()).all():
+            raise FloatingPointError(f"loss {name!r} is not finite: {value.detach().item()}")
+        self.losses[name] = value
+
+    def total_loss(self) -> Tensor:
+        """Sum of all loss terms."""
+        if not self.losses:
+            raise ValueError("no loss terms in this step")
+        return torch.stack([v.float() for v in self.losses.values()]).sum()
+
+
+@runtime_checkable
+class StepContextHook(Protocol):
+    """A callback that takes part in the training step (implemented by ``BRPGCallback``)."""
+
+    def on_train_step_context(self, trainer, pl_module, ctx: TrainStepContext) -> None:  # noqa: ANN001
+        """Read ``ctx`` and optionally :meth:`TrainStepContext.add_loss`. Called once per step."""
+        ...

@@ -1,0 +1,71 @@
+"""What a segmentor returns, and how decoder-resolution maps go back to input resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FEATURE_SOURCES = ("features", "logits", "decoder")
+"""Names of the maps a :class:`SegmentorOutput` carries (BRPG's feature source, paper Table 9)."""
+
+
+@dataclass
+class SegmentorOutput:
+    """One forward pass of a :class:`~brpg_lightning.models.segmentor.Segmentor`.
+
+    All three maps are at the decoder's resolution ``(h, w) = (ceil(H / stride), ceil(W / stride))``
+    for an input of size ``(H, W)``; upsample with :func:`resize_to_input` where a loss needs ``(H, W)``.
+
+    Attributes:
+        logits: classification head output, ``(B, C, h, w)``.
+        features: feature head output (paper Sec. 4.1.3, 256-d by default), ``(B, D, h, w)``.
+        decoder: the decoder's shared features both heads read, ``(B, D_dec, h, w)``.
+        stride: input pixels per decoder pixel (4 for DeepLabV3+ and SegFormer).
+    """
+
+    logits: Tensor
+    features: Tensor
+    decoder: Tensor
+    stride: int
+
+    def select(self, source: str) -> Tensor:
+        """The map named ``source`` (one of :data:`FEATURE_SOURCES`)."""
+        if source not in FEATURE_SOURCES:
+            raise ValueError(f"feature source {source!r} is not one of {FEATURE_SOURCES}")
+        return getattr(self, source)
+
+    def split(self, sizes: list[int]) -> list[SegmentorOutput]:
+        """Split along the batch dimension (a joint forward of labeled + unlabeled images)."""
+        parts = zip(
+            self.logits.split(sizes), self.features.split(sizes), self.decoder.split(sizes), strict=True
+        )
+        return [SegmentorOutput(lo, fe, de, self.stride) for lo, fe, de in parts]
+
+
+def resize_to_input(x: Tensor, size: tuple[int, int], stride: int, mode: str = "bilinear") -> Tensor:
+    """Upsample a decoder-resolution map ``(B, C, h, w)`` to the input size ``(H, W)``.
+
+    Interpolates by the exact factor ``stride`` (``align_corners=False``) and crops to ``size``, so a
+    pixel ``(y, x)`` of the result reads the map at ``((y + 0.5) / stride - 0.5, (x + 0.5) / stride - 0.5)``:
+    the same geometry as the un-padded forward, and the one that bilinear point sampling
+    (``brpg.sampling.sample_points``) reproduces without materialising the upsampled map.
+
+    Example:
+        >>> x = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> resize_to_input(x, (7, 7), stride=4).shape
+        torch.Size([1, 1, 7, 7])
+    """
+    h, w = x.shape[-2:]
+    if h * stride < size[0] or w * stride < size[1]:
+        raise ValueError(f"map {tuple(x.shape[-2:])} x stride {stride} does not cover size {size}")
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    up = F.interpolate(x, scale_factor=stride, mode=mode, **kwargs)
+    return up[..., : size[0], : size[1]]
+
+
+def as_probabilities(logits: Tensor) -> Tensor:
+    """Softmax over the class dimension in float32 (safe under 16-bit autocast)."""
+    return torch.softmax(logits.float(), dim=1)
