@@ -1,0 +1,31 @@
+"""Turning user-input errors into one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from brpg_lightning.errors import BRPGInputError
+
+EXIT_BAD_INPUT = 2
+
+
+def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is (caused by) bad input
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, BRPGInputError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper

@@ -1,0 +1,168 @@
+"""What every method shares: optimiser groups, poly schedule, evaluation, logging, the step seam.
+
+A method subclass implements only :meth:`SegmentationModule.compute_step` (its forward passes and
+losses) and, if it has a teacher, :attr:`SegmentationModule.eval_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.methods.context import StepContextHook, TrainStepContext
+from brpg_lightning.methods.losses import SupervisedLoss
+from brpg_lightning.methods.schedules import poly_lr_factor
+from brpg_lightning.models.output import SegmentorOutput, resize_to_input
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class SegmentationModule(pl.LightningModule):
+    uses_unlabeled: bool = True
+    """Whether the datamodule must load unlabeled images for this method."""
+
+    """Base LightningModule of all methods (SupOnly, mean teacher, later FixMatch/CPS).
+
+    Args:
+        segmentor: the student network (``Segmentor``: ``forward(x) -> SegmentorOutput``, ``param_groups()``).
+        num_classes: number of classes ``C``.
+        optim: optimiser settings (paper Sec. 4.1.4): ``name`` (sgd|adamw), ``lr`` (backbone),
+            ``head_lr_mult`` (10: decoder and heads), ``momentum``, ``weight_decay``, ``betas``, ``poly_power``.
+        sup_loss: keyword arguments of :class:`~brpg_lightning.methods.losses.SupervisedLoss` (Eq. 2 / OHEM).
+        class_names: names for per-class IoU logging (default ``class_<i>``).
+        run_config: the resolved run configuration, stored in checkpoints so ``evaluate`` can rebuild the run.
+    """
+
+    def __init__(
+        self,
+        segmentor: nn.Module,
+        num_classes: int,
+        optim: dict[str, Any],
+        sup_loss: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["segmentor"])
+        self.student = segmentor
+        self.num_classes = num_classes
+        self.optim_cfg = dict(optim)
+        if self.optim_cfg.get("name", "sgd") not in OPTIMIZERS:
+            raise BRPGInputError(f"optim.name={self.optim_cfg.get('name')!r}; expected one of {OPTIMIZERS}")
+        self.sup_loss = SupervisedLoss(**(sup_loss or {}), ignore_index=IGNORE_INDEX)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+        self.val_iou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="none")
+
+    # ------------------------------------------------------------------ method interface
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that is evaluated and exported (the student here; the teacher for mean teacher)."""
+        return self.student
+
+    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
+        """Forward passes and the method's own losses for one step; returns a filled context."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> SegmentorOutput:
+        return self.eval_model(x)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        ctx = self.compute_step(batch)
+        self.publish_step_context(ctx)
+        loss = ctx.total_loss()
+        bsz = ctx.labels.shape[0]
+        for name, value in ctx.losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bsz)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bsz)
+        return loss
+
+    def publish_step_context(self, ctx: TrainStepContext) -> None:
+        """Hand ``ctx`` to every callback implementing ``on_train_step_context`` (e.g. BRPG), in order.
+
+        This is the one documented way for step-level plug-ins to read the step's tensors and add loss
+        terms before the backward pass (see :mod:`brpg_lightning.methods.context`).
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepContextHook):
+                callback.on_train_step_context(trainer, self, ctx)
+
+    def supervised_loss(self, out: SegmentorOutput, labels: Tensor) -> Tensor:
+        """Eq. (2) (or OHEM) with logits upsampled from decoder to label resolution."""
+        logits = resize_to_input(out.logits, tuple(labels.shape[-2:]), out.stride)
+        return self.sup_loss(logits, labels)
+
+    def new_context(self, out_l: SegmentorOutput, labels: Tensor) -> TrainStepContext:
+        """A context with the labeled branch and run counters filled in."""
+        return TrainStepContext(
+            epoch=self.current_epoch,
+            global_step=self.global_step,
+            total_steps=self.total_steps,
+            labeled=out_l,
+            labels=labels,
+        )
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run (poly schedule and Eq. 19 denominators)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        return max(int(trainer.estimated_stepping_batches), 1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD (or AdamW) with backbone lr and ``head_lr_mult`` x lr for the rest; poly decay per step."""
+        cfg = self.optim_cfg
+        groups = self.student.param_groups()
+        lr = float(cfg["lr"])
+        params = [
+            {"params": groups["backbone"], "lr": lr, "name": "backbone"},
+            {"params": groups["head"], "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "name": "head"},
+        ]
+        if cfg.get("name", "sgd") == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=lr, momentum=float(cfg.get("momentum", 0.9)),
+                weight_decay=float(cfg.get("weight_decay", 1e-4)),
+            )
+        else:
+            opt = torch.optim.AdamW(
+                params, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                weight_decay=float(cfg.get("weight_decay", 0.01)),
+            )
+        total, power = self.total_steps, float(cfg.get("poly_power", 0.9))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: poly_lr_factor(step, total, power))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def predict_logits(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+        """Classification-head logits of :attr:`eval_model` at ``size`` (whole-image protocol)."""
+        out = self.eval_model(images)
+        return resize_to_input(out.logits, size, out.stride)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        masks = batch["mask"]
+        preds = self.predict_logits(batch["image"], tuple(masks.shape[-2:])).argmax(1)
+        self.val_miou.update(preds, masks)
+        self.val_iou.update(preds, masks)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/mIoU", self.val_miou.compute(), prog_bar=True, sync_dist=False)
+        for name, iou in zip(self.class_names, self.val_iou.compute(), strict=True):
+            self.log(f"val/IoU/{name}", iou)
+        self.val_miou.reset()
+        self.val_iou.reset()
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()

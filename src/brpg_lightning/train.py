@@ -1,0 +1,115 @@
+"""``train(cfg)``: build the run from a composed config, fit, and report metrics.
+
+Called by ``python -m brpg_lightning`` (the Hydra entry point in ``__main__``) and directly by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from brpg_lightning.errors import BRPGInputError
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Trainer callbacks from ``cfg.callbacks`` plus the BRPG callback when ``brpg.name != none``."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    brpg = cfg.get("brpg")
+    if brpg is not None and brpg.get("name", "none") != "none":
+        callbacks.append(instantiate(brpg.callback, _convert_="all"))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.LightningModule:
+    """The method's LightningModule around a freshly built segmentor."""
+    segmentor = instantiate(cfg.model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    return instantiate(
+        cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config, _convert_="all"
+    )
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    method_cls = get_class(cfg.method._target_)
+    return instantiate(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:  # noqa: BLE001 - outside a Hydra run (direct calls in tests)
+        return Path(cfg.trainer.default_root_dir)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit the configured method; returns ``(metrics, objects)``.
+
+    Writes into the run directory: ``checkpoints/`` (best ``val/mIoU`` and ``last.ckpt``), ``csv/metrics.csv``
+    (CSV logger), and ``metrics.json`` with the final and best mIoU.
+    """
+    pl.seed_everything(int(cfg.seed), workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, class_names=datamodule.class_names)
+    callbacks = build_callbacks(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise BRPGInputError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint_cb = trainer.checkpoint_callback
+    best = getattr(checkpoint_cb, "best_model_score", None)
+    summary = {
+        "final_mIoU": metrics.get("val/mIoU", float("nan")),
+        "best_mIoU": float(best) if best is not None else float("nan"),
+        "best_checkpoint": getattr(checkpoint_cb, "best_model_path", ""),
+        "last_checkpoint": getattr(checkpoint_cb, "last_model_path", ""),
+        "metrics": metrics,
+    }
+    if cfg.get("test_after_fit"):
+        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    out = output_dir(cfg)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cross-key checks Hydra cannot express (one-line errors)."""
+    if OmegaConf.is_missing(cfg, "split"):
+        raise BRPGInputError("split is not set; pass split=<name> (the dataset preset lists valid splits)")
+    for key in ("dataset", "model", "method", "trainer"):
+        if cfg.get(key) is None:
+            raise BRPGInputError(f"config group '{key}' is empty; choose one, e.g. {key}=<option>")
+
+
+def run(cfg: DictConfig) -> float:
+    """Hydra task: check, train, print the final mIoU as the last line. Returns it (sweepers optimise it)."""
+    check_config(cfg)
+    summary, _ = train(cfg)
+    log.info("run directory: %s", output_dir(cfg))
+    print(
+        f"final val/mIoU = {summary['final_mIoU']:.4f} (best {summary['best_mIoU']:.4f}; "
+        f"checkpoint {summary['best_checkpoint']})",
+        flush=True,
+    )
+    return summary["final_mIoU"]
+
+
+__all__ = ["train", "run", "build_module", "build_datamodule", "build_callbacks", "hydra"]
