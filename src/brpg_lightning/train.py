@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,31 +21,44 @@ from brpg_lightning.errors import BRPGInputError
 log = logging.getLogger(__name__)
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a :class:`BRPGInputError` through unwrapped (one-line errors)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, BRPGInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """Trainer callbacks from ``cfg.callbacks`` plus the BRPG callback when ``brpg.name != none``."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     brpg = cfg.get("brpg")
     if brpg is not None and brpg.get("name", "none") != "none":
-        callbacks.append(instantiate(brpg.callback, _convert_="all"))
+        callbacks.append(build(brpg, _convert_="all"))
     return callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
 def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.LightningModule:
     """The method's LightningModule around a freshly built segmentor."""
-    segmentor = instantiate(cfg.model)
+    segmentor = build(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    return instantiate(
+    return build(
         cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config, _convert_="all"
     )
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     method_cls = get_class(cfg.method._target_)
-    return instantiate(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
+    return build(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -64,7 +78,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, class_names=datamodule.class_names)
     callbacks = build_callbacks(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).is_file():

@@ -59,6 +59,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
         self.val_iou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="none")
+        self._total_steps: int | None = None
 
     # ------------------------------------------------------------------ method interface
     @property
@@ -115,10 +116,12 @@ class SegmentationModule(pl.LightningModule):
     @property
     def total_steps(self) -> int:
         """Optimiser steps of the whole run (poly schedule and Eq. 19 denominators)."""
-        trainer = self._trainer
-        if trainer is None:
-            return 1
-        return max(int(trainer.estimated_stepping_batches), 1)
+        if self._total_steps is None:
+            trainer = self._trainer
+            if trainer is None:
+                return 1
+            self._total_steps = max(int(trainer.estimated_stepping_batches), 1)
+        return self._total_steps
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (or AdamW) with backbone lr and ``head_lr_mult`` x lr for the rest; poly decay per step."""

@@ -1,0 +1,425 @@
+"""BRPG as a Lightning Callback: sampling, clustering (CPG + APO), prototype loss and updates.
+
+Algorithm 1 of the paper, lines 8-24, wired onto any method through the step seam
+(:class:`~brpg_lightning.methods.context.TrainStepContext`): the callback never touches the method's
+attributes; it reads the context and adds ``L_pro`` with ``ctx.add_loss``.
+
+Stages by epoch ``e`` (0-based, an epoch = one pass over the unlabeled set):
+
+- ``e < T_S1``: nothing (pretraining).
+- ``T_S1 <= e < T_S2``: sampling into per-class FIFO banks (Eq. 8-9).
+- first step of ``e >= T_S2``: APO counts (Eq. 11-14) and K-Means prototypes (Eq. 10).
+- ``e >= T_S2``: ``L = L_s + lambda_u L_u + lambda_pro L_pro`` (Eq. 15-21) and prototype EMA (Eq. 22).
+
+DDP: bank inserts are gathered from all ranks (tensor all_gather), clustering is seeded identically and
+its result broadcast from rank 0, prototype statistics are all-reduced before the update, so banks and
+prototypes are identical on every rank. State (stage, banks while sampling, prototypes, class thresholds)
+is saved through ``state_dict`` and loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from brpg_lightning.brpg import distributed as dist
+from brpg_lightning.brpg.apo import apo_extra, dispersion
+from brpg_lightning.brpg.clustering import kmeans
+from brpg_lightning.brpg.memory_bank import MemoryBank
+from brpg_lightning.brpg.prototype_loss import prototype_ce
+from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
+from brpg_lightning.brpg.sampling import (
+    bank_masks,
+    downsample_labels,
+    gather_points,
+    grid_points,
+    random_points,
+    random_subset,
+    sample_points,
+)
+from brpg_lightning.brpg.schedules import eta_t as eta_t_schedule
+from brpg_lightning.brpg.thresholds import update_class_thresholds
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.methods.context import TrainStepContext
+from brpg_lightning.models.output import FEATURE_SOURCES, as_probabilities
+
+log = logging.getLogger(__name__)
+
+BANK_KINDS = ("confidence", "plain")
+INDICATORS = ("cosine", "l2")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _pixels(fmap: Tensor) -> Tensor:
+    """``(B, D, h, w) -> (B*h*w, D)`` in the order of ``mask.flatten()`` for ``(B, h, w)`` masks."""
+    return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
+
+
+class BRPGCallback(pl.Callback):
+    """Boundary-Refined Prototype Generation (paper Sec. 3.4-3.5, Algorithm 1).
+
+    Args:
+        name: variant name for logs (``cpg_apo``, ``cpg``, ``plain``).
+        T_S1, T_S2: sampling epochs ``[T_S1, T_S2)``; clustering at the first step of ``T_S2`` (Sec. 4.1.5).
+        eta_s: confidence threshold splitting high / low features (Eq. 8-9; 0.8).
+        class_thresholds: Table 8 option: per-class ``eta_s`` starting at ``eta_s``, EMA (``threshold_decay``)
+            toward the mean confidence of the class's labeled pixels, clamped to
+            ``[threshold_low, threshold_high]``.
+        sample_num: per-step caps ``(B_l + B_u) * sample_num`` (high) and ``B_l * sample_num`` (low) (5000).
+        V: capacity of each per-class FIFO bank (30000).
+        storage_dtype: bank storage, ``float16`` (default), ``bfloat16`` or ``float32``.
+        banks: ``confidence`` (CPG: high and low banks) or ``plain`` (Table 6 row III: one bank of correctly
+            predicted features, K-Means into ``n0_h + n0_lw`` prototypes).
+        n0_h, n0_lw: prototypes per high / low bank (Eq. 10, 12; 2 and 2).
+        apo: add prototypes to the most scattered classes (Eq. 11-14).
+        alpha_t, n_add, indicator: APO class proportion (5 %), prototypes added (1), ``cosine`` | ``l2``.
+        kmeans_iters, kmeans_seed: K-Means budget and seed (identical on every rank).
+        tau: temperature (Eq. 16; 0.1). grid: labeled grid granularity (Eq. 17; 32 -> 32x32 points).
+        M_u: unlabeled points per image (Eq. 18; 1000). eta_0, eta_e: Eq. (19) ramp (0.8 -> 0.95).
+        lambda_pro: weight of L_pro (Eq. 21; 1). prototype_ema: alpha of Eq. (22) (0.99).
+        feature_source: ``features`` (feature head, default), ``logits`` (classification head) or
+            ``decoder`` (decoder features, no feature head) (Table 9).
+        save_snapshot: at ``T_S2`` write ``<run>/brpg/snapshot.pt`` (bank sample + prototypes) for notebooks.
+        snapshot_per_class: features per class and bank in the snapshot.
+    """
+
+    def __init__(
+        self,
+        name: str = "cpg_apo",
+        T_S1: int = 1,
+        T_S2: int = 2,
+        eta_s: float = 0.8,
+        class_thresholds: bool = False,
+        threshold_decay: float = 0.999,
+        threshold_low: float = 0.7,
+        threshold_high: float = 0.9,
+        sample_num: int = 5000,
+        V: int = 30000,
+        storage_dtype: str = "float16",
+        banks: str = "confidence",
+        n0_h: int = 2,
+        n0_lw: int = 2,
+        apo: bool = True,
+        alpha_t: float = 0.05,
+        n_add: int = 1,
+        indicator: str = "cosine",
+        kmeans_iters: int = 50,
+        kmeans_seed: int = 0,
+        tau: float = 0.1,
+        grid: int = 32,
+        M_u: int = 1000,
+        eta_0: float = 0.8,
+        eta_e: float = 0.95,
+        lambda_pro: float = 1.0,
+        prototype_ema: float = 0.99,
+        feature_source: str = "features",
+        save_snapshot: bool = True,
+        snapshot_per_class: int = 500,
+    ) -> None:
+        super().__init__()
+        for key, value, choices in (
+            ("banks", banks, BANK_KINDS),
+            ("indicator", indicator, INDICATORS),
+            ("storage_dtype", storage_dtype, tuple(DTYPES)),
+            ("feature_source", feature_source, FEATURE_SOURCES),
+        ):
+            if value not in choices:
+                raise BRPGInputError(f"brpg.{key}={value!r}; expected one of {', '.join(choices)}")
+        if not 0 <= T_S1 < T_S2:
+            raise BRPGInputError(f"brpg.T_S1={T_S1}, brpg.T_S2={T_S2}; expected 0 <= T_S1 < T_S2")
+        self.name, self.T_S1, self.T_S2 = name, int(T_S1), int(T_S2)
+        self.eta_s, self.class_thresholds = float(eta_s), bool(class_thresholds)
+        self.threshold_decay, self.threshold_low, self.threshold_high = threshold_decay, threshold_low, threshold_high
+        self.sample_num, self.V, self.storage_dtype = int(sample_num), int(V), DTYPES[storage_dtype]
+        self.banks, self.n0_h, self.n0_lw = banks, int(n0_h), int(n0_lw)
+        self.apo, self.alpha_t, self.n_add, self.indicator = bool(apo), float(alpha_t), int(n_add), indicator
+        self.kmeans_iters, self.kmeans_seed = int(kmeans_iters), int(kmeans_seed)
+        self.tau, self.grid, self.M_u = float(tau), int(grid), int(M_u)
+        self.eta_0, self.eta_e, self.lambda_pro = float(eta_0), float(eta_e), float(lambda_pro)
+        self.prototype_ema, self.feature_source = float(prototype_ema), feature_source
+        self.save_snapshot, self.snapshot_per_class = bool(save_snapshot), int(snapshot_per_class)
+
+        self.num_classes: int | None = None
+        self.bank_high: MemoryBank | None = None  # also the single bank of the "plain" variant
+        self.bank_low: MemoryBank | None = None
+        self.conf_high: MemoryBank | None = None  # confidences stored alongside (snapshot only)
+        self.conf_low: MemoryBank | None = None
+        self.thresholds: Tensor | None = None
+        self.prototypes: Tensor | None = None  # (C, K, D) float32
+        self.proto_mask: Tensor | None = None  # (C, K) bool
+        self.proto_bank: Tensor | None = None  # (C, K) long: 0 high, 1 low
+        self.start_step: int | None = None  # global step at the first prototype step
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.num_classes = int(pl_module.num_classes)
+        if self.thresholds is None:
+            self.thresholds = torch.full((self.num_classes,), self.eta_s)
+
+    def stage(self, epoch: int) -> str:
+        """``pretrain``, ``sampling`` or ``prototype`` for an epoch."""
+        if epoch < self.T_S1:
+            return "pretrain"
+        return "sampling" if epoch < self.T_S2 else "prototype"
+
+    def on_train_step_context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: TrainStepContext) -> None:
+        stage = self.stage(ctx.epoch)
+        if stage == "sampling":
+            self.sample(ctx, pl_module)
+        elif stage == "prototype":
+            if self.prototypes is None:
+                self.cluster(trainer, pl_module, ctx.global_step)
+            self.prototype_step(ctx, pl_module)
+
+    # ------------------------------------------------------------------ sampling (Eq. 8-9)
+    def _ensure_banks(self, dim: int, device: torch.device) -> None:
+        if self.bank_high is not None:
+            if self.bank_high.feats.device != device:
+                for name in ("bank_high", "bank_low", "conf_high", "conf_low"):
+                    bank = getattr(self, name)
+                    if bank is not None:
+                        setattr(self, name, bank.to(device))
+            return
+        c = self.num_classes
+        self.bank_high = MemoryBank(c, self.V, dim, dtype=self.storage_dtype, device=device)
+        self.conf_high = MemoryBank(c, self.V, 1, dtype=torch.float16, device=device)
+        if self.banks == "confidence":
+            self.bank_low = MemoryBank(c, self.V, dim, dtype=self.storage_dtype, device=device)
+            self.conf_low = MemoryBank(c, self.V, 1, dtype=torch.float16, device=device)
+
+    @torch.no_grad()
+    def sample(self, ctx: TrainStepContext, pl_module: pl.LightningModule) -> None:
+        """Select, cap, gather across ranks and push features into the banks (Eq. 8-9)."""
+        fmap_l = ctx.labeled.select(self.feature_source).detach()
+        device = fmap_l.device
+        self._ensure_banks(fmap_l.shape[1], device)
+        probs_l = as_probabilities(ctx.labeled.logits.detach())
+        labels_l = downsample_labels(ctx.labels, tuple(probs_l.shape[-2:]))
+        thresholds = self.thresholds.to(device)
+        if self.class_thresholds:
+            conf_l = probs_l.max(1).values
+            keep = labels_l != IGNORE_INDEX
+            self.thresholds = update_class_thresholds(
+                thresholds, conf_l[keep], labels_l[keep], self.threshold_decay, self.threshold_low, self.threshold_high
+            )
+            thresholds = self.thresholds
+        eta = thresholds if self.class_thresholds else self.eta_s
+        high_l, low_l, _, conf_l = bank_masks(probs_l, labels_l, eta)
+        feats_l, lab_l, conf_l = _pixels(fmap_l), labels_l.flatten(), conf_l.flatten()
+        b_l, b_u = fmap_l.shape[0], 0
+
+        if self.banks == "plain":  # every correctly predicted labeled pixel (Table 6 row III)
+            high_l = high_l | low_l
+        hi_f, hi_y, hi_c = [feats_l[high_l.flatten()]], [lab_l[high_l.flatten()]], [conf_l[high_l.flatten()]]
+        if ctx.unlabeled_teacher is not None:
+            fmap_u = ctx.unlabeled_teacher.select(self.feature_source).detach()
+            probs_u = as_probabilities(ctx.unlabeled_teacher.logits.detach())
+            high_u, _, pred_u, conf_u = bank_masks(probs_u, None, eta)
+            m = high_u.flatten()
+            hi_f.append(_pixels(fmap_u)[m])
+            hi_y.append(pred_u.flatten()[m])
+            hi_c.append(conf_u.flatten()[m])
+            b_u = fmap_u.shape[0]
+        high = self._cap(torch.cat(hi_f), torch.cat(hi_y), torch.cat(hi_c), (b_l + b_u) * self.sample_num)
+        self._push(self.bank_high, self.conf_high, *high)
+        if self.bank_low is not None:
+            m = low_l.flatten()
+            low = self._cap(feats_l[m], lab_l[m], conf_l[m], b_l * self.sample_num)
+            self._push(self.bank_low, self.conf_low, *low)
+        pl_module.log("brpg/sampled_high", float(high[0].shape[0]), batch_size=1)
+
+    def _cap(self, feats: Tensor, labels: Tensor, conf: Tensor, cap: int) -> tuple[Tensor, Tensor, Tensor]:
+        idx = random_subset(feats.shape[0], cap, device=feats.device)
+        return feats[idx].to(self.storage_dtype), labels[idx], conf[idx]
+
+    @staticmethod
+    def _push(bank: MemoryBank, conf_bank: MemoryBank, feats: Tensor, labels: Tensor, conf: Tensor) -> None:
+        feats, labels, conf = dist.gather_variable(feats), dist.gather_variable(labels), dist.gather_variable(conf)
+        bank.push(feats, labels)
+        conf_bank.push(conf.view(-1, 1), labels)
+
+    # ------------------------------------------------------------------ clustering (Eq. 10-14)
+    @torch.no_grad()
+    def cluster(self, trainer: pl.Trainer, pl_module: pl.LightningModule, global_step: int) -> None:
+        """CPG (+ APO): prototypes from the banks at the first step of epoch ``T_S2``."""
+        start = time.perf_counter()
+        c = self.num_classes
+        device = pl_module.device
+        if self.bank_high is None:
+            rank_zero_warn("BRPG: clustering with empty banks (no sampling step ran); no prototypes")
+            d = 1
+            self._ensure_banks(d, device)
+        banks = [self.bank_high] + ([self.bank_low] if self.bank_low is not None else [])
+        n0 = [self.n0_h, self.n0_lw] if self.bank_low is not None else [self.n0_h + self.n0_lw]
+        feats, valid = zip(*(b.padded() for b in banks), strict=True)
+        x, valid = torch.cat(feats), torch.cat(valid)  # (G = banks*C, V, D)
+        k = torch.cat([torch.full((c,), n, dtype=torch.long, device=x.device) for n in n0])
+        scores = torch.stack([dispersion(f, v, self.indicator) for f, v in zip(feats, valid, strict=True)])
+        extra = torch.zeros_like(k)
+        if self.apo:
+            extra = torch.cat([apo_extra(s, self.alpha_t, self.indicator, self.n_add) for s in scores]).to(k)
+            k = k + extra
+        result = kmeans(x, valid, k, iters=self.kmeans_iters, seed=self.kmeans_seed)
+        centers = dist.broadcast_(result.centers.contiguous())
+        cmask = dist.broadcast_(result.center_mask.contiguous())
+
+        k_max = centers.shape[1]
+        nb = len(banks)
+        self.prototypes = centers.view(nb, c, k_max, -1).permute(1, 0, 2, 3).reshape(c, nb * k_max, -1).float()
+        self.proto_mask = cmask.view(nb, c, k_max).permute(1, 0, 2).reshape(c, nb * k_max)
+        self.proto_bank = torch.arange(nb, device=device).view(1, nb, 1).expand(c, nb, k_max).reshape(c, -1)
+        self.start_step = int(global_step)
+
+        fill = torch.stack([b.fill() for b in banks])  # (nb, C)
+        counts = self.proto_mask.sum(1)
+        for cls in range(c):
+            if counts[cls] == 0:
+                rank_zero_warn(f"BRPG: class {cls} has no bank features; it gets no prototype (masked in L_pro)")
+            elif bool(((fill[:, cls] < k.view(nb, c)[:, cls]) & (fill[:, cls] > 0)).any()) or bool(
+                (fill[:, cls] == 0).any()
+            ):
+                rank_zero_warn(
+                    f"BRPG: class {cls} has fewer bank features than prototypes (fill {fill[:, cls].tolist()}); "
+                    f"it keeps {int(counts[cls])} prototype(s) from the available features"
+                )
+        picks = extra.view(nb, c)
+        bank_names = ["high", "low"] if nb == 2 else ["plain"]
+        for b, bname in enumerate(bank_names):
+            for cls in range(c):
+                pl_module.log(f"brpg/dispersion_{bname}/{cls}", float(scores[b, cls].nan_to_num(-1.0)), batch_size=1)
+        for cls in range(c):
+            pl_module.log(f"brpg/prototypes/{cls}", float(counts[cls]), batch_size=1)
+        picked = {bname: [cls for cls in range(c) if picks[b, cls] > 0] for b, bname in enumerate(bank_names)}
+        elapsed = time.perf_counter() - start
+        self.last_stats = {
+            "dispersion": scores.cpu(), "apo_extra": picks.cpu(), "fill": fill.cpu(),
+            "inertia": result.inertia.cpu(), "seconds": elapsed,
+        }
+        rank_zero_info(
+            f"BRPG[{self.name}]: clustered {int(fill.sum())} bank features into {int(counts.sum())} prototypes "
+            f"(per class {counts.tolist()}) in {elapsed:.2f} s; APO extra prototypes for classes {picked}"
+        )
+        if self.save_snapshot and trainer.is_global_zero:
+            self._write_snapshot(trainer, banks)
+        self.bank_high = self.bank_low = self.conf_high = self.conf_low = None  # free bank memory
+
+    def _write_snapshot(self, trainer: pl.Trainer, banks: list[MemoryBank]) -> None:
+        conf_banks = [self.conf_high] + ([self.conf_low] if self.conf_low is not None else [])
+        rows: dict[str, list[Tensor]] = {"features": [], "labels": [], "confidence": [], "bank": []}
+        gen = torch.Generator().manual_seed(self.kmeans_seed)
+        for b, (bank, cbank) in enumerate(zip(banks, conf_banks, strict=True)):
+            for cls in range(self.num_classes):
+                f, cf = bank.get(cls).cpu(), cbank.get(cls).cpu().view(-1)
+                idx = torch.randperm(f.shape[0], generator=gen)[: self.snapshot_per_class]
+                rows["features"].append(f[idx].half())
+                rows["confidence"].append(cf[idx].float())
+                rows["labels"].append(torch.full((idx.numel(),), cls, dtype=torch.long))
+                rows["bank"].append(torch.full((idx.numel(),), b, dtype=torch.long))
+        snap = {k: torch.cat(v) for k, v in rows.items()}
+        snap.update(
+            prototypes=self.prototypes.cpu(), proto_mask=self.proto_mask.cpu(), proto_bank=self.proto_bank.cpu(),
+            dispersion=self.last_stats["dispersion"], apo_extra=self.last_stats["apo_extra"],
+            epoch=torch.tensor(self.T_S2),
+        )
+        path = Path(trainer.default_root_dir) / "brpg" / "snapshot.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(snap, path)
+        rank_zero_info(f"BRPG: snapshot written to {path}")
+
+    # ------------------------------------------------------------------ prototype stage (Eq. 15-22)
+    def current_eta_t(self, ctx: TrainStepContext) -> float:
+        """Eq. (19): iterations counted from the first prototype step to the end of training."""
+        start = self.start_step if self.start_step is not None else ctx.global_step
+        return eta_t_schedule(ctx.global_step - start, ctx.total_steps - start, self.eta_0, self.eta_e)
+
+    def prototype_step(self, ctx: TrainStepContext, pl_module: pl.LightningModule) -> None:
+        """Add ``lambda_pro * (L_pro^l + L_pro^u)`` to the step and update the prototypes (Eq. 22)."""
+        device = ctx.labels.device
+        if self.prototypes.device != device:
+            self.prototypes, self.proto_mask = self.prototypes.to(device), self.proto_mask.to(device)
+        protos, pmask = self.prototypes, self.proto_mask
+        out_l = ctx.labeled
+        b_l, (h, w) = ctx.labels.shape[0], ctx.labels.shape[-2:]
+        coords = grid_points(b_l, h, w, self.grid, device=device)
+        f_l = sample_points(out_l.select(self.feature_source), coords, out_l.stride).flatten(0, 1)
+        y_l = gather_points(ctx.labels, coords).flatten()
+        loss_l, _ = prototype_ce(f_l, y_l, protos, pmask, self.tau, IGNORE_INDEX)
+        feats, labels = [f_l.detach()], [y_l]
+        loss = loss_l
+        pl_module.log("brpg/L_pro_l", loss_l.detach(), batch_size=b_l)
+
+        if ctx.has_unlabeled and ctx.pseudo_labels is not None:
+            eta = self.current_eta_t(ctx)
+            valid = ctx.pseudo_labels != IGNORE_INDEX
+            cand = valid & (ctx.pseudo_confidence >= eta)
+            out_u = ctx.unlabeled_student
+            coords_u, ok = random_points(cand, self.M_u)
+            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride)[ok]
+            y_u = gather_points(ctx.pseudo_labels, coords_u)[ok]
+            loss_u, _ = prototype_ce(f_u, y_u, protos, pmask, self.tau, IGNORE_INDEX)
+            loss = loss + loss_u
+            feats.append(f_u.detach())
+            labels.append(y_u)
+            share = cand.sum().float() / valid.sum().clamp_min(1).float()
+            pl_module.log("brpg/L_pro_u", loss_u.detach(), batch_size=b_l)
+            pl_module.log("brpg/eta_t", eta, batch_size=1)
+            pl_module.log("brpg/u_pass_eta_t", share, batch_size=1)
+        ctx.add_loss("L_pro", self.lambda_pro * loss)
+
+        with torch.no_grad():
+            sums, counts = assignment_stats(torch.cat(feats).float(), torch.cat(labels), protos, pmask, IGNORE_INDEX)
+            dist.all_reduce_sum_(sums)
+            dist.all_reduce_sum_(counts)
+            self.prototypes = ema_update(protos, sums, counts, self.prototype_ema)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stage(trainer.current_epoch) == "sampling" and self.bank_high is not None:
+            names = ["high", "low"]
+            for name, bank in zip(names, (self.bank_high, self.bank_low), strict=False):
+                if bank is None:
+                    continue
+                for cls, n in enumerate(bank.fill().tolist()):
+                    pl_module.log(f"brpg/bank_fill_{name}/{cls}", float(n), batch_size=1)
+            if self.class_thresholds:
+                for cls, t in enumerate(self.thresholds.tolist()):
+                    pl_module.log(f"brpg/eta_s/{cls}", t, batch_size=1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and numbers only (``torch.load(weights_only=True)`` works).
+
+        While sampling, both banks are saved: ``2 * C * V * (D * bytes(storage_dtype) + 2)`` bytes, e.g.
+        about 650 MB for PASCAL (C=21, V=30000, D=256, float16). After clustering only the prototypes.
+        """
+        state: dict[str, Any] = {"version": 1, "thresholds": self.thresholds, "start_step": self.start_step}
+        for name in ("prototypes", "proto_mask", "proto_bank"):
+            t = getattr(self, name)
+            state[name] = None if t is None else t.cpu()
+        for name in ("bank_high", "bank_low", "conf_high", "conf_low"):
+            bank = getattr(self, name)
+            state[name] = None if bank is None else {k: v.cpu() for k, v in bank.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.thresholds = state_dict.get("thresholds")
+        self.start_step = state_dict.get("start_step")
+        for name in ("prototypes", "proto_mask", "proto_bank"):
+            setattr(self, name, state_dict.get(name))
+        for name in ("bank_high", "bank_low", "conf_high", "conf_low"):
+            bank_state = state_dict.get(name)
+            if bank_state is None:
+                setattr(self, name, None)
+                continue
+            c, v, d = bank_state["feats"].shape
+            bank = MemoryBank(c, v, d, dtype=bank_state["feats"].dtype)
+            bank.load_state_dict(bank_state)
+            setattr(self, name, bank)

@@ -1,0 +1,75 @@
+"""Every config group composes and instantiates; cross-key values resolve as documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from brpg_lightning.config import config_dir
+from tests.conftest import compose_cfg
+
+CONF = config_dir()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group", ["dataset", "model", "method", "brpg", "trainer", "logger", "callbacks", "experiment", "debug"]
+)
+def test_every_option_of_every_group_composes(group: str, tmp_path: Path) -> None:
+    opts = options(group)
+    assert opts, f"conf/{group} is empty"
+    for opt in opts:
+        prefix = "+" if group in ("experiment", "debug") else ""
+        extra = ["dataset.num_classes=5"] if opt == "folder" else []
+        cfg = compose_cfg(f"{prefix}{group}={opt}", *extra, output_dir=tmp_path)
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+        for key in ("dataset", "model", "method"):
+            get_class(cfg[key]._target_)  # targets import
+        if cfg.brpg.name != "none":
+            get_class(cfg.brpg._target_)
+
+
+def test_default_composition_is_the_embedded_synthetic_brpg_run(tmp_path: Path) -> None:
+    cfg = compose_cfg(output_dir=tmp_path)
+    assert cfg.dataset.name == "synthetic" and cfg.split == 16
+    assert cfg.method._target_.endswith("MeanTeacher")
+    assert cfg.brpg.name == "cpg_apo" and cfg.brpg.apo and cfg.brpg.banks == "confidence"
+    assert cfg.model.encoder_weights is None  # the default never downloads
+
+
+def test_paper_defaults_are_the_config_defaults(tmp_path: Path) -> None:
+    """Sec. 4.1 / Sec. 3 values (paper wins over the official code)."""
+    cfg = compose_cfg("dataset=folder", "dataset.num_classes=21", output_dir=tmp_path)
+    b, m, o = cfg.brpg, cfg.method, cfg.optim
+    assert (b.eta_s, b.sample_num, b.V, b.n0_h, b.n0_lw, b.alpha_t, b.n_add) == (0.8, 5000, 30000, 2, 2, 0.05, 1)
+    assert (b.tau, b.grid, b.M_u, b.eta_0, b.eta_e, b.lambda_pro, b.prototype_ema) == (
+        0.1, 32, 1000, 0.8, 0.95, 1.0, 0.99
+    )
+    assert (b.T_S1, b.T_S2, b.indicator, b.feature_source) == (1, 2, "cosine", "features")
+    assert (m.ema_decay, m.sup_only_epochs, m.lambda_u, m.unsup_filter, m.cutmix_p) == (
+        0.99, 1, 1.0, "entropy_percentile", 0.5
+    )
+    assert (o.name, o.lr, o.head_lr_mult, o.momentum, o.weight_decay, o.poly_power) == (
+        "sgd", 0.001, 10.0, 0.9, 1e-4, 0.9
+    )
+    assert cfg.model.feature_dim == 256 and cfg.trainer.max_epochs == 80
+
+
+def test_experiments_hold_only_deltas(tmp_path: Path) -> None:
+    sup = compose_cfg("+experiment=sup_only", output_dir=tmp_path)
+    ceil = compose_cfg("+experiment=ceiling", output_dir=tmp_path)
+    assert sup.method._target_.endswith("Supervised") and sup.split == 16
+    assert ceil.method._target_.endswith("Supervised") and ceil.split == "full"
+    assert sup.brpg.name == ceil.brpg.name == "none"
+
+
+def test_split_flows_into_the_dataset(tmp_path: Path) -> None:
+    cfg = compose_cfg("split=32", output_dir=tmp_path)
+    assert cfg.dataset.split == 32 and cfg.dataset.synthetic.split == 32
+    assert str(cfg.dataset.root).endswith("split32")

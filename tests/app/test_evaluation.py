@@ -1,0 +1,61 @@
+"""mIoU as the methods compute it, against a brute-force confusion-matrix computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.methods.supervised import Supervised
+from brpg_lightning.models.output import SegmentorOutput
+
+
+class FixedPredictor(nn.Module):
+    """Returns pre-set logits at decoder stride 1 (so predictions are exactly what the test chose)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> SegmentorOutput:
+        return SegmentorOutput(self.logits, self.logits, self.logits, stride=1)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": [self.w], "head": []}
+
+
+def _reference_miou(preds: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
+    """Dataset-level IoU from one confusion matrix, classes absent from preds and target excluded."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for p, t in zip(preds.ravel(), target.ravel(), strict=True):
+        if t != IGNORE_INDEX:
+            cm[t, p] += 1
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou)), iou
+
+
+def test_validation_miou_matches_brute_force_over_batches() -> None:
+    rng = np.random.default_rng(0)
+    num_classes, batches = 5, 3
+    all_preds, all_targets = [], []
+    module = None
+    for _ in range(batches):
+        target = rng.integers(0, num_classes - 1, size=(2, 6, 7))  # class 4 never present
+        target[rng.random(target.shape) < 0.2] = IGNORE_INDEX
+        preds = np.where(rng.random(target.shape) < 0.6, np.clip(target, 0, num_classes - 2), rng.integers(0, 4, target.shape))
+        logits = torch.nn.functional.one_hot(torch.as_tensor(preds), num_classes).permute(0, 3, 1, 2).float()
+        if module is None:
+            module = Supervised(FixedPredictor(logits), num_classes, optim={"name": "sgd", "lr": 0.1})
+        module.student.logits = logits
+        module.validation_step({"image": torch.zeros(2, 3, 6, 7), "mask": torch.as_tensor(target)}, 0)
+        all_preds.append(preds)
+        all_targets.append(target)
+    ref_miou, ref_iou = _reference_miou(np.concatenate(all_preds), np.concatenate(all_targets), num_classes)
+    assert abs(module.val_miou.compute().item() - ref_miou) < 1e-6
+    per_class = module.val_iou.compute().numpy()
+    present = ~np.isnan(ref_iou)
+    np.testing.assert_allclose(per_class[present], ref_iou[present], atol=1e-6)

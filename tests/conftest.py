@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real Hydra config, shrunk to a CPU-seconds budget."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from brpg_lightning.config import config_dir, register_resolvers
+
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = (
+    "dataset.synthetic.train_pool=40",
+    "dataset.synthetic.val_size=8",
+    "dataset.synthetic.image_size=64",
+    "dataset.crop_size=64",
+    "dataset.batch_size_labeled=2",
+    "dataset.batch_size_unlabeled=2",
+    "dataset.batch_size_val=4",
+    "trainer.max_epochs=3",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar.refresh_rate=0",
+    "brpg.V=400",
+    "brpg.sample_num=50",
+    "brpg.M_u=20",
+    "brpg.grid=8",
+    "brpg.snapshot_per_class=10",
+)
+"""Overrides that make a full three-stage run take seconds (epochs 0: sup-only, 1: sampling, 2: prototypes)."""
+
+
+def compose_cfg(*overrides: str, output_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, outside a Hydra run."""
+    register_resolvers()
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(config_name, overrides=[*extra, *overrides])
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic dataset shared by the tests of a session (split 16: 16 labeled, 24 unlabeled)."""
+    return tmp_path_factory.mktemp("synthetic") / "split16"
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, synthetic_root: Path):
+    """``tiny_cfg(*overrides)``: the default composition shrunk by :data:`TINY`, writing into ``tmp_path``."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_cfg(*TINY, f"dataset.root={synthetic_root}", *overrides, output_dir=tmp_path / "run")
+
+    return make
