@@ -62,7 +62,9 @@ def ohem_cross_entropy(
             kth = torch.kthvalue(p_true[valid], min(num_valid, min_kept)).values
             threshold = torch.maximum(threshold, kth)
         kept = valid & (p_true <= threshold)
-    return cross_entropy(logits, torch.where(kept, target, torch.full_like(target, ignore_index)), ignore_index)
+    return cross_entropy(
+        logits, torch.where(kept, target, torch.full_like(target, ignore_index)), ignore_index
+    )
 
 
 class SupervisedLoss(nn.Module):
@@ -101,9 +103,9 @@ class SupervisedLoss(nn.Module):
             return cross_entropy(logits, target, self.ignore_index)
         if self.kind == "ohem":
             return self._ohem(logits, target)
-        return self.ce_weight * cross_entropy(logits, target, self.ignore_index) + self.ohem_weight * self._ohem(
-            logits, target
-        )
+        return self.ce_weight * cross_entropy(
+            logits, target, self.ignore_index
+        ) + self.ohem_weight * self._ohem(logits, target)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, ce_weight={self.ce_weight}, ohem_weight={self.ohem_weight}"

@@ -82,7 +82,9 @@ def entropy_percentile_mask(ent: Tensor, valid: Tensor, drop_percent: float) -> 
     values = ent[valid]
     if values.numel() == 0:
         return torch.zeros_like(valid)
-    thresh = _percentile_linear(values.float(), 100.0 - min(float(drop_percent), 100.0))
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()
+    thresh = _percentile_linear(values, 100.0 - min(float(drop_percent), 100.0))
     return valid & (ent < thresh)
 
 

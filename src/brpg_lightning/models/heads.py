@@ -15,7 +15,9 @@ HEAD_KINDS = ("conv", "linear")
 """Head structures: ``"conv"`` for DeepLabV3+ (U2PL), ``"linear"`` for SegFormer."""
 
 
-def conv_head(in_channels: int, hidden_channels: int, out_channels: int, dropout: float = 0.1) -> nn.Sequential:
+def conv_head(
+    in_channels: int, hidden_channels: int, out_channels: int, dropout: float = 0.1
+) -> nn.Sequential:
     """Two Conv-BN-ReLU-Dropout blocks, then a 1x1 projection (DeepLabV3+ heads, Sec. 4.1.3).
 
     ``[Conv3x3(c_in, c_h, bias=False) - BN - ReLU - Dropout2d(p)] x 2 - Conv1x1(c_h, out)``;
@@ -40,7 +42,9 @@ def conv_head(in_channels: int, hidden_channels: int, out_channels: int, dropout
     return nn.Sequential(*layers)
 
 
-def linear_head(in_channels: int, hidden_channels: int, out_channels: int, dropout: float = 0.1) -> nn.Sequential:
+def linear_head(
+    in_channels: int, hidden_channels: int, out_channels: int, dropout: float = 0.1
+) -> nn.Sequential:
     """Linear-Dropout-Linear per pixel (SegFormer heads, Sec. 4.1.3).
 
     ``Conv1x1(c_in, c_h) - Dropout2d(p) - Conv1x1(c_h, out)``; maps ``(B, c_in, h, w)`` to
@@ -58,7 +62,9 @@ def linear_head(in_channels: int, hidden_channels: int, out_channels: int, dropo
     )
 
 
-def build_head(kind: str, in_channels: int, hidden_channels: int, out_channels: int, dropout: float) -> nn.Sequential:
+def build_head(
+    kind: str, in_channels: int, hidden_channels: int, out_channels: int, dropout: float
+) -> nn.Sequential:
     """The head named ``kind`` (one of :data:`HEAD_KINDS`)."""
     if kind == "conv":
         return conv_head(in_channels, hidden_channels, out_channels, dropout)

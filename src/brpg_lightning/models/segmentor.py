@@ -33,7 +33,9 @@ def required_input_multiple(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _probe_decoder(encoder: nn.Module, decoder: nn.Module, in_channels: int, multiple: int) -> tuple[int, int]:
+def _probe_decoder(
+    encoder: nn.Module, decoder: nn.Module, in_channels: int, multiple: int
+) -> tuple[int, int]:
     """``(decoder_channels, stride)`` from one dummy forward in eval mode (train modes restored)."""
     side = multiple * max(2, math.ceil(64 / multiple))
     size = (side, 2 * side)  # non-square, so a transposed map would be caught
@@ -103,7 +105,11 @@ class Segmentor(nn.Module):
                 f"model num_classes={num_classes} and feature_dim={feature_dim} must both be >= 1"
             )
         model = smp.create_model(
-            arch, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes, **arch_kwargs
+            arch,
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            classes=num_classes,
+            **arch_kwargs,
         )
         self.encoder: nn.Module = model.encoder
         self.decoder: nn.Module = model.decoder

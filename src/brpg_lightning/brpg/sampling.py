@@ -1,0 +1,182 @@
+"""Which features go into the banks (Sec. 3.4.1, Eq. 8-9) and which points enter ``L_pro`` (Eq. 17-18).
+
+Coordinates are integer crop pixels ``(y, x)`` at the input resolution ``H x W``; feature maps are at
+the decoder resolution ``(h, w) = (ceil(H / s), ceil(W / s))`` for stride ``s``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from brpg_lightning.constants import IGNORE_INDEX
+
+
+def bank_masks(
+    probs: Tensor, labels: Tensor | None, eta_s: float | Tensor
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """High / low-confidence pixel masks of CPG (Sec. 3.4.1).
+
+    Labeled (``labels`` given): ``high = (pred == label) & (conf >= eta)``, ``low = (pred == label) &
+    (conf < eta)``; pixels labeled ``IGNORE_INDEX`` are never selected. Unlabeled (``labels`` None):
+    ``high = conf >= eta`` and ``low`` is None (Eq. 9 samples low-confidence features from labeled
+    images only). ``conf`` is the max softmax probability ("confidence probability").
+
+    Args:
+        probs: softmax probabilities ``(B, C, h, w)``.
+        labels: ground truth at the same resolution ``(B, h, w)`` long, or None.
+        eta_s: threshold, a float or per-class thresholds ``(C,)`` read at the label (labeled) or at
+            the predicted class (unlabeled) of each pixel (Table 8's class-specific option).
+
+    Returns:
+        ``high (B, h, w)`` bool, ``low (B, h, w)`` bool or None, ``pred (B, h, w)`` long,
+        ``conf (B, h, w)`` (dtype of ``probs``).
+
+    Example:
+        >>> p = torch.tensor([[0.9, 0.6], [0.1, 0.4]]).view(1, 2, 1, 2)
+        >>> high, low, pred, conf = bank_masks(p, torch.tensor([[[0, 0]]]), 0.8)
+        >>> high.tolist(), low.tolist()
+        ([[[True, False]]], [[[False, True]]])
+    """
+    conf, pred = probs.max(dim=1)
+    if isinstance(eta_s, Tensor):
+        eta_s = eta_s.to(device=probs.device, dtype=conf.dtype)
+        index = pred if labels is None else labels.clamp(0, eta_s.shape[0] - 1)
+        eta = eta_s[index]
+    else:
+        eta = float(eta_s)
+    confident = conf >= eta
+    if labels is None:
+        return confident, None, pred, conf
+    correct = (pred == labels) & (labels != IGNORE_INDEX)
+    return correct & confident, correct & ~confident, pred, conf
+
+
+def random_subset(n: int, cap: int, generator: torch.Generator | None = None, device=None) -> Tensor:  # noqa: ANN001
+    """``min(n, cap)`` distinct indices of ``range(n)``, a uniform random subset (operator ``S`` of Eq. 8).
+
+    When ``n <= cap`` every index is returned in order (nothing to drop). Random draws use
+    ``generator`` (on its own device) when given, and the result is moved to ``device``.
+
+    Example:
+        >>> random_subset(3, 5).tolist()
+        [0, 1, 2]
+        >>> random_subset(10, 4, generator=torch.Generator().manual_seed(0)).unique().numel()
+        4
+    """
+    if n <= cap:
+        return torch.arange(n, device=device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randperm(n, generator=generator, device=gen_device)[:cap].to(device)
+
+
+def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Labels ``(B, H, W)`` to the decoder resolution ``size = (h, w)`` by nearest neighbour
+    (``F.interpolate(mode="nearest")``, as the official implementation), ``(B, h, w)`` long.
+
+    Example:
+        >>> downsample_labels(torch.arange(16).view(1, 4, 4), (2, 2)).tolist()
+        [[[0, 2], [8, 10]]]
+    """
+    out = F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest")
+    return out.squeeze(1).long()
+
+
+def grid_points(batch: int, height: int, width: int, grid: int = 32, device=None) -> Tensor:  # noqa: ANN001
+    """Grid sampling of labeled images (Eq. 17): ``grid x grid`` cell centres per image.
+
+    ``y_i = floor((i + 0.5) * H / grid)``, ``x_j = floor((j + 0.5) * W / grid)`` for ``i, j < grid``,
+    row-major (``y`` outer). Returns ``(B, grid * grid, 2)`` long ``(y, x)`` crop coordinates, so
+    ``M_l = grid ** 2`` (1024 for ``grid = 32``).
+
+    Example:
+        >>> grid_points(1, 8, 8, grid=2).tolist()
+        [[[2, 2], [2, 6], [6, 2], [6, 6]]]
+    """
+    steps = torch.arange(grid, device=device)
+    ys = ((2 * steps + 1) * height) // (2 * grid)  # exact integer floor((i + 0.5) * H / grid)
+    xs = ((2 * steps + 1) * width) // (2 * grid)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+    return coords.unsqueeze(0).expand(batch, -1, -1).contiguous()
+
+
+def random_points(
+    candidates: Tensor, num: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Random sampling of unlabeled images (Eq. 18): up to ``num`` distinct candidate pixels per image.
+
+    Uniform without replacement among the True pixels of ``candidates (B, H, W)`` (e.g. pseudo-label
+    confidence ``>= eta_t``), via random keys and ``topk`` (no per-pixel loop). An image with fewer
+    than ``num`` candidates gets all of them; the remaining rows are marked invalid (their
+    coordinates are ``(0, 0)``, safe to index).
+
+    Returns:
+        ``coords (B, num, 2)`` long ``(y, x)`` and ``valid (B, num)`` bool.
+
+    Example:
+        >>> cand = torch.zeros(1, 3, 3, dtype=torch.bool); cand[0, 1, 2] = True
+        >>> coords, valid = random_points(cand, 2)
+        >>> coords[valid].tolist(), valid.tolist()
+        ([[1, 2]], [[True, False]])
+    """
+    b, h, w = candidates.shape
+    device = candidates.device
+    gen_device = generator.device if generator is not None else device
+    keys = torch.rand(b, h * w, generator=generator, device=gen_device).to(device)
+    keys = keys.masked_fill(~candidates.reshape(b, h * w), -1.0)  # non-candidates sort last
+    k = min(num, h * w)
+    top, idx = keys.topk(k, dim=1)
+    valid = top >= 0
+    idx = idx.masked_fill(~valid, 0)
+    coords = torch.stack([idx // w, idx % w], dim=-1)
+    if k < num:
+        coords = torch.cat([coords, coords.new_zeros(b, num - k, 2)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(b, num - k)], dim=1)
+    return coords, valid
+
+
+def sample_points(fmap: Tensor, coords: Tensor, stride: int) -> Tensor:
+    """Features at crop pixels, read bilinearly from the decoder-resolution map (Eq. 17-18 inputs).
+
+    Equals ``resize_to_input(fmap, (H, W), stride)[b, :, y, x]`` (bilinear upsampling by ``stride``,
+    ``align_corners=False``) up to float rounding, without materialising the ``(B, D, H, W)`` map:
+    ``F.grid_sample(align_corners=False, padding_mode="border")`` at the normalised positions
+    ``gx = (2x + 1) / (stride * w) - 1`` and ``gy = (2y + 1) / (stride * h) - 1``, i.e. at map
+    coordinates ``((y + 0.5) / stride - 0.5, (x + 0.5) / stride - 0.5)`` clamped to the map.
+
+    Args:
+        fmap: ``(B, D, h, w)`` feature map (gradients flow back to it).
+        coords: ``(B, M, 2)`` long ``(y, x)`` crop coordinates.
+        stride: input pixels per map pixel.
+
+    Returns:
+        ``(B, M, D)`` in ``fmap``'s dtype (float32 where the map is 16-bit on the CPU).
+
+    Example:
+        >>> fmap = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> sample_points(fmap, torch.tensor([[[0, 0], [3, 4], [7, 7]]]), stride=4).flatten().tolist()
+        [0.0, 1.375, 3.0]
+    """
+    b, _, h, w = fmap.shape
+    if fmap.device.type == "cpu" and fmap.dtype in (torch.float16, torch.bfloat16):
+        fmap = fmap.float()
+    pos = coords.to(fmap.dtype if fmap.is_floating_point() else torch.float32)
+    gy = (2.0 * pos[..., 0] + 1.0) / (stride * h) - 1.0
+    gx = (2.0 * pos[..., 1] + 1.0) / (stride * w) - 1.0
+    grid = torch.stack([gx, gy], dim=-1).unsqueeze(2).to(fmap.dtype)  # (B, M, 1, 2), (x, y) order
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.squeeze(3).transpose(1, 2)  # (B, D, M, 1) -> (B, M, D)
+
+
+def gather_points(maps: Tensor, coords: Tensor) -> Tensor:
+    """``maps[b, y, x]`` for ``maps (B, H, W)`` at ``coords (B, M, 2)`` -> ``(B, M)`` (labels, confidences).
+
+    Example:
+        >>> gather_points(torch.arange(6).view(1, 2, 3), torch.tensor([[[1, 2], [0, 1]]])).tolist()
+        [[5, 1]]
+    """
+    b, _, w = maps.shape
+    flat = coords[..., 0] * w + coords[..., 1]
+    return maps.reshape(b, -1).gather(1, flat)

@@ -1,0 +1,254 @@
+"""Weak, strong and validation transforms (numpy + PIL for geometry, torchvision v2 for colour).
+
+* Weak (labeled and unlabeled; paper Sec. 4.1.5, following U2PL): random rescale by a factor in
+  ``scale_range`` (image bilinear, mask nearest), horizontal flip with ``flip_p``, random crop to
+  ``crop_size``; a rescaled image smaller than the crop is padded at the bottom/right (image 0, mask 255 =
+  ``IGNORE_INDEX``, ``valid`` False).
+* Strong (unlabeled only; UniMatch): on the weak crop (same geometry): ColorJitter with ``p=0.8``
+  (brightness 0.5, contrast 0.5, saturation 0.5, hue 0.25), RandomGrayscale ``p=0.2``, Gaussian blur
+  ``p=0.5`` with sigma uniform in ``[0.1, 2.0]``. CutMix is a batch operation of the method, not here.
+* Val: ``"whole"`` (no geometric change) or ``"center_crop"`` to ``val_crop_size`` (padding bottom/right
+  first, image 0 and mask 255, when the image is smaller).
+
+Every image is then scaled to ``[0, 1]`` and normalised with the ImageNet mean/std -> float32 ``(3, H, W)``;
+masks become int64 ``(H, W)``. All randomness comes from torch's global RNG (seeded per worker by torch and
+by ``seed_everything(workers=True)``); there are no per-item seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from brpg_lightning.errors import BRPGInputError
+
+VAL_MODES: tuple[str, ...] = ("whole", "center_crop")
+
+
+# --------------------------------------------------------------------------- pure helpers
+def _uniform(low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand(()).item())
+
+
+def rescale(image: np.ndarray, mask: np.ndarray | None, factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize by ``factor`` (sides rounded, at least 1 px): image bilinear, mask nearest.
+
+    >>> img, m = rescale(np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20), np.uint8), 0.5)
+    >>> img.shape, m.shape
+    ((5, 10, 3), (5, 10))
+    """
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))  # PIL: (width, height)
+    out = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    out_mask = None if mask is None else np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    return out, out_mask
+
+
+def pad_bottom_right(
+    image: np.ndarray, mask: np.ndarray | None, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pad to at least ``height x width`` at the bottom/right: image 0, mask ``IGNORE_INDEX``.
+
+    Returns the padded image, mask and the ``valid`` bool map (False on padding).
+
+    >>> img, m, valid = pad_bottom_right(np.ones((2, 3, 3), np.uint8), np.zeros((2, 3), np.uint8), 3, 2)
+    >>> img.shape, m[:, 0].tolist(), valid[:, 0].tolist()
+    ((3, 3, 3), [0, 0, 255], [True, True, False])
+    """
+    h, w = image.shape[:2]
+    ph, pw = max(height - h, 0), max(width - w, 0)
+    valid = np.ones((h + ph, w + pw), dtype=bool)
+    if ph == 0 and pw == 0:
+        return image, mask, valid
+    valid[h:, :] = False
+    valid[:, w:] = False
+    image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+    if mask is not None:
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+    return image, mask, valid
+
+
+def to_normalized_tensor(image: np.ndarray | Tensor) -> Tensor:
+    """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` float tensor in [0, 1]) -> ImageNet-normalised float32
+    ``(3, H, W)``: ``(x / 255 - mean) / std``.
+
+    >>> to_normalized_tensor(np.zeros((1, 1, 3), np.uint8)).flatten().tolist() == [
+    ...     -m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    True
+    """
+    x = to_unit_tensor(image) if isinstance(image, np.ndarray) else image
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).float()
+
+
+def to_unit_tensor(image: np.ndarray) -> Tensor:
+    """``(H, W, 3)`` uint8 -> float32 ``(3, H, W)`` in ``[0, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def mask_to_tensor(mask: np.ndarray) -> Tensor:
+    """``(H, W)`` uint8 -> int64 ``(H, W)``."""
+    return torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+# --------------------------------------------------------------------------- weak geometry
+class WeakGeometry:
+    """Random rescale, horizontal flip, random crop (with padding) shared by labeled and unlabeled items.
+
+    Args:
+        crop_size: output side ``S``.
+        scale_range: ``(low, high)`` rescale factor range (paper: 0.5-2.0).
+        flip_p: horizontal flip probability (paper: 0.5).
+    """
+
+    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), flip_p: float = 0.5) -> None:
+        low, high = (float(v) for v in scale_range)
+        if int(crop_size) < 1 or not 0 < low <= high or not 0.0 <= float(flip_p) <= 1.0:
+            raise BRPGInputError(
+                f"weak transform crop_size={crop_size}, scale_range={list(scale_range)}, flip_p={flip_p}; "
+                f"expected crop_size >= 1, 0 < low <= high, 0 <= flip_p <= 1"
+            )
+        self.crop_size, self.scale_range, self.flip_p = int(crop_size), (low, high), float(flip_p)
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(image (S, S, 3) uint8, mask (S, S) uint8 or None, valid (S, S) bool)``."""
+        image, mask = rescale(image, mask, _uniform(*self.scale_range))
+        if torch.rand(()).item() < self.flip_p:
+            image = image[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        s = self.crop_size
+        image, mask, valid = pad_bottom_right(image, mask, s, s)
+        h, w = image.shape[:2]
+        y0 = int(torch.randint(0, h - s + 1, ()).item())
+        x0 = int(torch.randint(0, w - s + 1, ()).item())
+        crop = (slice(y0, y0 + s), slice(x0, x0 + s))
+        return image[crop], (None if mask is None else mask[crop]), valid[crop]
+
+
+class StrongColor:
+    """UniMatch's strong colour view on a ``(3, H, W)`` float tensor in ``[0, 1]`` (geometry unchanged).
+
+    Args:
+        color_jitter_p: probability of ColorJitter (0.8).
+        brightness, contrast, saturation, hue: ColorJitter strengths (0.5, 0.5, 0.5, 0.25).
+        grayscale_p: RandomGrayscale probability (0.2).
+        blur_p: Gaussian blur probability (0.5).
+        blur_sigma: ``(low, high)`` blur sigma range in pixels (0.1-2.0); kernel side ``2 * ceil(3 sigma) + 1``.
+    """
+
+    def __init__(
+        self,
+        color_jitter_p: float = 0.8,
+        brightness: float = 0.5,
+        contrast: float = 0.5,
+        saturation: float = 0.5,
+        hue: float = 0.25,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        for key, p in (("color_jitter_p", color_jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+            if not 0.0 <= float(p) <= 1.0:
+                raise BRPGInputError(f"strong.{key}={p}; expected a probability in [0, 1]")
+        self.color_jitter_p, self.grayscale_p, self.blur_p = float(color_jitter_p), float(grayscale_p), float(blur_p)
+        self.jitter = v2.ColorJitter(
+            brightness=float(brightness), contrast=float(contrast), saturation=float(saturation), hue=float(hue)
+        )
+        self.blur_sigma = tuple(float(v) for v in blur_sigma)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        if torch.rand(()).item() < self.color_jitter_p:
+            image = self.jitter(image)
+        if torch.rand(()).item() < self.grayscale_p:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        if torch.rand(()).item() < self.blur_p:
+            sigma = _uniform(*self.blur_sigma)
+            k = 2 * math.ceil(3 * sigma) + 1
+            image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
+        return image.clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- item transforms
+class LabeledTransform:
+    """Weak view of a labeled item -> ``{"image": float32 (3, S, S), "mask": int64 (S, S)}``."""
+
+    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), flip_p: float = 0.5) -> None:
+        self.weak = WeakGeometry(crop_size, scale_range, flip_p)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+        if mask is None:
+            raise ValueError("LabeledTransform needs a mask")
+        image, mask, _ = self.weak(image, mask)
+        return {"image": to_normalized_tensor(image), "mask": mask_to_tensor(mask)}
+
+
+class UnlabeledTransform:
+    """Weak and strong views of an unlabeled item (same crop).
+
+    Returns ``{"image": float32 (3, S, S) weak, "image_strong": float32 (3, S, S), "valid": bool (S, S)}``
+    where ``valid`` is False on padded pixels.
+
+    Args:
+        crop_size, scale_range, flip_p: see :class:`WeakGeometry`.
+        strong: keyword arguments of :class:`StrongColor`.
+    """
+
+    def __init__(
+        self,
+        crop_size: int,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip_p: float = 0.5,
+        strong: dict[str, Any] | None = None,
+    ) -> None:
+        self.weak = WeakGeometry(crop_size, scale_range, flip_p)
+        self.strong = StrongColor(**dict(strong or {}))
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+        image, _, valid = self.weak(image, None)
+        unit = to_unit_tensor(image)
+        return {
+            "image": to_normalized_tensor(unit),
+            "image_strong": to_normalized_tensor(self.strong(unit.clone())),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+        }
+
+
+class ValTransform:
+    """Validation item -> ``{"image": float32 (3, H, W), "mask": int64 (H, W)}``.
+
+    Args:
+        mode: ``"whole"`` (image unchanged) or ``"center_crop"`` (pad bottom/right to at least
+            ``crop_size``, image 0 / mask 255, then take the centred ``crop_size x crop_size`` window).
+        crop_size: side of the centre crop (``center_crop`` only).
+    """
+
+    def __init__(self, mode: str = "whole", crop_size: int | None = None) -> None:
+        if mode not in VAL_MODES:
+            raise BRPGInputError(f"val_mode '{mode}' is not valid; expected one of {', '.join(VAL_MODES)}")
+        if mode == "center_crop" and (crop_size is None or int(crop_size) < 1):
+            raise BRPGInputError(f"val_mode 'center_crop' needs val_crop_size >= 1, got {crop_size}")
+        self.mode, self.crop_size = mode, None if crop_size is None else int(crop_size)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+        if self.mode == "center_crop":
+            s = self.crop_size
+            image, mask, _ = pad_bottom_right(image, mask, s, s)
+            h, w = image.shape[:2]
+            y0, x0 = (h - s) // 2, (w - s) // 2
+            image = image[y0 : y0 + s, x0 : x0 + s]
+            mask = None if mask is None else mask[y0 : y0 + s, x0 : x0 + s]
+        item: dict[str, Any] = {"image": to_normalized_tensor(image)}
+        if mask is not None:
+            item["mask"] = mask_to_tensor(mask)
+        return item
