@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from brpg_lightning.config import config_dir, register_resolvers
 
@@ -29,11 +30,11 @@ TINY = (
     "trainer.log_every_n_steps=1",
     "trainer.accelerator=cpu",
     "callbacks.progress_bar.refresh_rate=0",
-    "brpg.V=400",
-    "brpg.sample_num=50",
-    "brpg.M_u=20",
-    "brpg.grid=8",
-    "brpg.snapshot_per_class=10",
+    "++brpg.V=400",
+    "++brpg.sample_num=50",
+    "++brpg.M_u=20",
+    "++brpg.grid=8",
+    "++brpg.snapshot_per_class=10",
 )
 """Overrides that make a full three-stage run take seconds (epochs 0: sup-only, 1: sampling, 2: prototypes)."""
 
@@ -43,7 +44,11 @@ def compose_cfg(*overrides: str, output_dir: Path | None = None, config_name: st
     register_resolvers()
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(config_name, overrides=[*extra, *overrides])
+        cfg = compose(config_name, overrides=[*extra, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` resolves as in a real run
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,8 @@ def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.Li
     segmentor = build(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     return build(
-        cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config, _convert_="all"
+        cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config,
+        _convert_="all", _recursive_=False,
     )
 
 
@@ -86,13 +87,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    checkpoint_cb = trainer.checkpoint_callback
+    checkpoint_cb = trainer.checkpoint_callback  # the first ModelCheckpoint: best val/mIoU
+    last_cb = trainer.checkpoint_callbacks[-1]
     best = getattr(checkpoint_cb, "best_model_score", None)
     summary = {
         "final_mIoU": metrics.get("val/mIoU", float("nan")),
         "best_mIoU": float(best) if best is not None else float("nan"),
         "best_checkpoint": getattr(checkpoint_cb, "best_model_path", ""),
-        "last_checkpoint": getattr(checkpoint_cb, "last_model_path", ""),
+        "last_checkpoint": getattr(last_cb, "best_model_path", ""),
         "metrics": metrics,
     }
     if cfg.get("test_after_fit"):

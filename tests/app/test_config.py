@@ -25,9 +25,8 @@ def test_every_option_of_every_group_composes(group: str, tmp_path: Path) -> Non
     opts = options(group)
     assert opts, f"conf/{group} is empty"
     for opt in opts:
-        prefix = "+" if group in ("experiment", "debug") else ""
         extra = ["dataset.num_classes=5"] if opt == "folder" else []
-        cfg = compose_cfg(f"{prefix}{group}={opt}", *extra, output_dir=tmp_path)
+        cfg = compose_cfg(f"{group}={opt}", *extra, output_dir=tmp_path)
         OmegaConf.resolve(cfg)  # every interpolation resolves
         for key in ("dataset", "model", "method"):
             get_class(cfg[key]._target_)  # targets import
@@ -62,8 +61,8 @@ def test_paper_defaults_are_the_config_defaults(tmp_path: Path) -> None:
 
 
 def test_experiments_hold_only_deltas(tmp_path: Path) -> None:
-    sup = compose_cfg("+experiment=sup_only", output_dir=tmp_path)
-    ceil = compose_cfg("+experiment=ceiling", output_dir=tmp_path)
+    sup = compose_cfg("experiment=sup_only", output_dir=tmp_path)
+    ceil = compose_cfg("experiment=ceiling", output_dir=tmp_path)
     assert sup.method._target_.endswith("Supervised") and sup.split == 16
     assert ceil.method._target_.endswith("Supervised") and ceil.split == "full"
     assert sup.brpg.name == ceil.brpg.name == "none"

@@ -60,7 +60,7 @@ def test_train_three_stages_then_evaluate(tmp_path: Path) -> None:
 def test_baselines_train_in_process(tiny_cfg, experiment: str, tmp_path: Path) -> None:
     from brpg_lightning.train import train
 
-    cfg = tiny_cfg(f"+experiment={experiment}", "trainer.max_epochs=1", f"dataset.root={tmp_path / experiment}")
+    cfg = tiny_cfg(f"experiment={experiment}", "trainer.max_epochs=1", f"dataset.root={tmp_path / experiment}")
     summary, objects = train(cfg)
     assert 0.0 <= summary["final_mIoU"] <= 1.0
     assert not objects["module"].uses_unlabeled

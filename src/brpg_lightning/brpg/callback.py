@@ -260,10 +260,10 @@ class BRPGCallback(pl.Callback):
             self._ensure_banks(d, device)
         banks = [self.bank_high] + ([self.bank_low] if self.bank_low is not None else [])
         n0 = [self.n0_h, self.n0_lw] if self.bank_low is not None else [self.n0_h + self.n0_lw]
-        feats, valid = zip(*(b.padded() for b in banks), strict=True)
-        x, valid = torch.cat(feats), torch.cat(valid)  # (G = banks*C, V, D)
+        feats, valids = zip(*(b.padded() for b in banks), strict=True)
+        x, valid = torch.cat(feats), torch.cat(valids)  # (G = banks*C, V, D)
         k = torch.cat([torch.full((c,), n, dtype=torch.long, device=x.device) for n in n0])
-        scores = torch.stack([dispersion(f, v, self.indicator) for f, v in zip(feats, valid, strict=True)])
+        scores = torch.stack([dispersion(f, v, self.indicator) for f, v in zip(feats, valids, strict=True)])
         extra = torch.zeros_like(k)
         if self.apo:
             extra = torch.cat([apo_extra(s, self.alpha_t, self.indicator, self.n_add) for s in scores]).to(k)

@@ -80,9 +80,10 @@ def to_normalized_tensor(image: np.ndarray | Tensor) -> Tensor:
     """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` float tensor in [0, 1]) -> ImageNet-normalised float32
     ``(3, H, W)``: ``(x / 255 - mean) / std``.
 
-    >>> to_normalized_tensor(np.zeros((1, 1, 3), np.uint8)).flatten().tolist() == [
-    ...     -m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
-    True
+    >>> x = to_normalized_tensor(np.full((1, 1, 3), 255, np.uint8))
+    >>> x.shape, x.dtype, torch.allclose(x.flatten(), torch.tensor([(1 - 0.485) / 0.229,
+    ...     (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+    (torch.Size([3, 1, 1]), torch.float32, True)
     """
     x = to_unit_tensor(image) if isinstance(image, np.ndarray) else image
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -92,12 +93,12 @@ def to_normalized_tensor(image: np.ndarray | Tensor) -> Tensor:
 
 def to_unit_tensor(image: np.ndarray) -> Tensor:
     """``(H, W, 3)`` uint8 -> float32 ``(3, H, W)`` in ``[0, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return torch.tensor(np.ascontiguousarray(image), dtype=torch.float32).permute(2, 0, 1).div(255.0).contiguous()
 
 
 def mask_to_tensor(mask: np.ndarray) -> Tensor:
     """``(H, W)`` uint8 -> int64 ``(H, W)``."""
-    return torch.from_numpy(np.ascontiguousarray(mask)).long()
+    return torch.tensor(np.ascontiguousarray(mask), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- weak geometry
@@ -176,7 +177,7 @@ class StrongColor:
             sigma = _uniform(*self.blur_sigma)
             k = 2 * math.ceil(3 * sigma) + 1
             image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
-        return image.clamp_(0.0, 1.0)
+        return image.clamp(0.0, 1.0).contiguous()
 
 
 # --------------------------------------------------------------------------- item transforms
@@ -220,7 +221,7 @@ class UnlabeledTransform:
         return {
             "image": to_normalized_tensor(unit),
             "image_strong": to_normalized_tensor(self.strong(unit.clone())),
-            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+            "valid": torch.tensor(np.ascontiguousarray(valid), dtype=torch.bool),
         }
 
 

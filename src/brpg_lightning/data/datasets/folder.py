@@ -62,7 +62,7 @@ def check_mask_values(mask: np.ndarray, num_classes: int, path: str | Path) -> N
 def load_image(path: Path) -> np.ndarray:
     """RGB image as a ``(H, W, 3)`` uint8 array (grey, palette and RGBA images are converted)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def load_mask(path: Path, num_classes: int) -> np.ndarray:
@@ -72,7 +72,7 @@ def load_mask(path: Path, num_classes: int) -> np.ndarray:
             raise BRPGInputError(
                 f"mask '{path}' has PIL mode {im.mode}; expected a single-channel PNG of class ids (mode L or P)"
             )
-        mask = np.asarray(im)
+        mask = np.array(im)
     check_mask_values(mask, num_classes, path)
     return mask.astype(np.uint8)
 

@@ -1,0 +1,112 @@
+"""Adaptive Prototype Optimization (APO, paper Sec. 3.4.2, Eq. 11-14, Table A.14).
+
+Classes whose bank features are the most scattered get ``n_add`` extra K-Means centres:
+``N_{alpha,c} = n_{0,alpha} + n_add * 1(D_{alpha,c} < gamma_t)`` (cosine) or ``> gamma_t`` (l2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+INDICATORS = ("cosine", "l2")
+
+_CHUNK_ELEMS = 2**22
+"""float32 elements of ``x`` converted at once (the banks are stored in 16 bit)."""
+
+
+def _check(indicator: str) -> None:
+    if indicator not in INDICATORS:
+        raise ValueError(f"indicator={indicator!r}; expected one of {INDICATORS}")
+
+
+def _spans(x: Tensor) -> list[tuple[int, int]]:
+    """Slices of ``N`` converted to float32 at once."""
+    g, n, d = x.shape
+    rows = max(1, _CHUNK_ELEMS // max(1, g * d))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
+def dispersion(x: Tensor, valid: Tensor, indicator: str = "cosine") -> Tensor:
+    """Dispersion score of each group's features (Eq. 11 or Eq. 13).
+
+    With ``V_g`` the number of valid features of group ``g`` and ``f_bar = (1 / V_g) sum_f f``:
+
+    - ``"cosine"``, Eq. (11): ``D_sim = (1 / V_g) sum_f cos(f, f_bar)``; lower = more scattered.
+    - ``"l2"``, Eq. (13): ``D_l2 = (1 / V_g) sum_f ||f - f_bar||_2``; higher = more scattered.
+
+    Args:
+        x: features ``(G, N, D)`` (any float dtype; computed in float32 by chunks of ``N``).
+        valid: ``(G, N)`` bool, the features of each group (e.g. the filled bank slots).
+        indicator: ``"cosine"`` or ``"l2"``.
+
+    Returns:
+        ``(G,)`` float32, NaN for a group without valid features.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [4.0, 0.0]]])
+        >>> dispersion(x, torch.ones(2, 2, dtype=torch.bool), "cosine")
+        tensor([0.7071, 1.0000])
+        >>> dispersion(x, torch.ones(2, 2, dtype=torch.bool), "l2")
+        tensor([0.7071, 1.0000])
+    """
+    _check(indicator)
+    g, _, d = x.shape
+    valid = valid.to(device=x.device, dtype=torch.bool)
+    count = valid.sum(1).float()
+    spans = _spans(x)
+
+    def rows(s: int, e: int) -> Tensor:
+        xc = x[:, s:e].float()
+        return torch.where(valid[:, s:e, None], xc, xc.new_zeros(()))
+
+    total = torch.zeros(g, d, device=x.device)
+    for s, e in spans:
+        total += rows(s, e).sum(1)
+    mean = total / count.clamp_min(1).unsqueeze(1)  # f_bar (G, D)
+    score = torch.zeros(g, device=x.device)
+    if indicator == "cosine":
+        unit_mean = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for s, e in spans:
+            xc = rows(s, e)
+            cos = torch.einsum("gnd,gd->gn", xc, unit_mean) / xc.norm(dim=2).clamp_min(1e-12)
+            score += (cos * valid[:, s:e]).sum(1)
+    else:
+        for s, e in spans:
+            dist = (rows(s, e) - mean.unsqueeze(1)).norm(dim=2)
+            score += (dist * valid[:, s:e]).sum(1)
+    return torch.where(count > 0, score / count.clamp_min(1), math.nan)
+
+
+def apo_extra(scores: Tensor, alpha_t: float = 0.05, indicator: str = "cosine", n_add: int = 1) -> Tensor:
+    """Extra prototypes per class from dispersion scores ``(C,)`` (Eq. 12 / Eq. 14, Table A.14).
+
+    - ``"cosine"``, Eq. (12): ``gamma_t = np.percentile(D, 100 * alpha_t)``, ``extra_c = n_add * 1(D_c < gamma_t)``.
+    - ``"l2"``, Eq. (14): ``gamma_t = np.percentile(D, 100 * (1 - alpha_t))``, ``extra_c = n_add * 1(D_c > gamma_t)``.
+
+    The percentile is numpy's (linear interpolation) over the non-NaN scores; a NaN score (empty
+    bank) gets 0. The caller adds the result to ``n_0`` (``N_{alpha,c} = n_0 + extra_c``).
+
+    Returns:
+        ``(C,)`` long on the device of ``scores``.
+
+    Example:
+        >>> apo_extra(torch.tensor([0.9, 0.5, 0.8, float("nan"), 0.7, 0.95]), alpha_t=0.05)
+        tensor([0, 1, 0, 0, 0, 0])
+    """
+    _check(indicator)
+    s = scores.detach().double().cpu().numpy()
+    finite = ~np.isnan(s)
+    extra = np.zeros(s.shape, dtype=np.int64)
+    if finite.any():
+        if indicator == "cosine":
+            gamma = np.percentile(s[finite], 100 * alpha_t)
+            picked = finite & (np.where(finite, s, np.inf) < gamma)
+        else:
+            gamma = np.percentile(s[finite], 100 * (1 - alpha_t))
+            picked = finite & (np.where(finite, s, -np.inf) > gamma)
+        extra[picked] = int(n_add)
+    return torch.from_numpy(extra).to(scores.device)

@@ -1,0 +1,329 @@
+"""Batched K-Means for CPG (paper Eq. 10): every (class, bank) group clustered at once.
+
+``R_c = {Cluster(Memory_h,c, N_h,c), Cluster(Memory_lw,c, N_lw,c)}``: groups are the rows of a padded
+``(G, N, D)`` tensor (``G`` = banks x classes, ``N`` = bank capacity ``V``) with a validity mask and a
+per-group number of centres (APO may add one, Eq. 12). Greedy k-means++ seeding (as scikit-learn),
+then Lloyd iterations, all vectorised over groups on ``x``'s device and chunked over ``N`` to bound
+the float32 working copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+_ZERO_REL = 1e-6
+"""Squared distances below ``_ZERO_REL * (||x||^2 + ||c||^2)`` are float32 cancellation noise of the
+expansion ``||x||^2 - 2 x.c + ||c||^2`` and count as 0 (a point equal to a centre)."""
+
+CHUNK_ELEMS = {"cpu": 2**22, "cuda": 2**27}
+"""float32 elements of ``x`` converted at once, by device type (16 MiB: cache-sized on the CPU;
+512 MiB on a GPU, where fewer, larger kernels win); other devices use the CUDA value."""
+
+
+class KMeansResult(NamedTuple):
+    """Result of :func:`kmeans` for ``G`` groups of ``N`` points in ``D`` dimensions.
+
+    Attributes:
+        centers: ``(G, K_max, D)`` float32; rows where ``center_mask`` is False are zero.
+        center_mask: ``(G, K_max)`` bool, True on real centres.
+        inertia: ``(G,)`` float32, sum over valid points of the squared distance to the nearest centre
+            (scikit-learn's ``inertia_``); 0 for a group without centres.
+        labels: ``(G, N)`` long, nearest centre of each valid point; -1 on invalid points.
+        n_iter: Lloyd iterations run.
+        deficient: ``(G,)`` bool, groups that got fewer centres than asked (fewer distinct valid points
+            than ``k``; all of their distinct points are centres).
+    """
+
+    centers: Tensor
+    center_mask: Tensor
+    inertia: Tensor
+    labels: Tensor
+    n_iter: int
+    deficient: Tensor
+
+
+class _Chunks:
+    """float32 slices ``x[:, s:e]`` of ``x (G, N, D)`` with invalid rows zeroed, converted on every pass
+    into one reused buffer of about ``budget`` elements (no ``(G, N, D)`` float32 copy is made; a
+    cache-sized buffer makes the conversion cheap next to the matmuls that read it). A yielded slice
+    is only valid until the next one."""
+
+    def __init__(self, x: Tensor, valid: Tensor, budget: int) -> None:
+        self.x, self.valid = x, valid
+        g, n, d = x.shape
+        self.n = n
+        self.rows = max(1, min(n, budget // max(1, g * d)))
+        self.buffer = torch.empty(g, self.rows, d, dtype=torch.float32, device=x.device)
+        starts = torch.arange(0, n, self.rows, device=valid.device)
+        # chunks with an invalid row (masked on every pass); one host sync here, none per pass
+        holes = torch.zeros(starts.numel(), dtype=torch.bool, device=valid.device)
+        holes.index_put_((torch.arange(n, device=valid.device) // self.rows,), (~valid).any(0), accumulate=True)
+        self.holes = holes.tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int, Tensor]]:
+        for i, start in enumerate(range(0, self.n, self.rows)):
+            end = min(self.n, start + self.rows)
+            xc = self.buffer[:, : end - start]
+            xc.copy_(self.x[:, start:end])
+            if self.holes[i]:
+                xc.masked_fill_(~self.valid[:, start:end, None], 0.0)
+            yield start, end, xc
+
+
+class _Groups:
+    """The groups ``ids`` of the data: ``x (G', N, D)`` in storage dtype, ``valid``, ``xx`` and chunks.
+
+    Few groups are copied out (``index_select``); more than half are read in place (all ``G`` groups,
+    the caller ignoring the others), which is cheaper than copying most of ``x``."""
+
+    def __init__(self, x: Tensor, valid: Tensor, xx: Tensor, ids: Tensor, budget: int) -> None:
+        g = x.shape[0]
+        if ids.numel() > g // 2:
+            ids = torch.arange(g, device=x.device)
+            self.x, self.valid, self.xx = x, valid, xx
+        else:
+            self.x, self.valid, self.xx = x.index_select(0, ids), valid.index_select(0, ids), xx.index_select(0, ids)
+        self.ids = ids
+        self.chunks = _Chunks(self.x, self.valid, budget)
+
+
+def _sq_dist(xc: Tensor, xxc: Tensor, c: Tensor, cc: Tensor) -> Tensor:
+    """Squared distances ``(G, n, K)`` between ``xc (G, n, D)`` and ``c (G, K, D)`` via
+    ``||x||^2 - 2 x c^T + ||c||^2``, clamped at 0 and with cancellation noise set to 0."""
+    scale = xxc.unsqueeze(2) + cc.unsqueeze(1)
+    d2 = torch.baddbmm(scale, xc, c.transpose(1, 2), beta=1.0, alpha=-2.0)
+    return d2.masked_fill_(d2 <= _ZERO_REL * scale, 0.0)
+
+
+def _draw(weights: Tensor, num: int, generator: torch.Generator) -> Tensor:
+    """``num`` indices per row of ``weights (G, N) >= 0`` drawn with probability ``weights / sum``
+    (inverse CDF, with replacement); uniforms from the CPU ``generator`` so every device and rank
+    draws the same. Rows of zero weight return the index of their largest weight (unused)."""
+    g, n = weights.shape
+    cum = weights.double().cumsum(1)
+    u = torch.rand(g, num, generator=generator, dtype=torch.float64).to(weights.device) * cum[:, -1:]
+    idx = torch.searchsorted(cum, u, right=True).clamp_max(n - 1)
+    bad = weights.gather(1, idx) <= 0  # only by float rounding at the top end
+    return torch.where(bad, weights.argmax(1, keepdim=True).expand_as(idx), idx)
+
+
+def _rows(x: Tensor, valid: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``x[g, idx[g, t]]`` as float32 ``(G, T, D)``, zero where the row is not valid."""
+    d = x.shape[2]
+    rows = x.gather(1, idx.unsqueeze(2).expand(-1, -1, d)).float()
+    ok = valid.gather(1, idx).unsqueeze(2)
+    return torch.where(ok, rows, rows.new_zeros(()))
+
+
+def _pairwise(grp: _Groups, c: Tensor) -> Tensor:
+    """Squared distances ``(G', N, T)`` of every point of the groups to ``c (G', T, D)``."""
+    cc = (c * c).sum(2)
+    return torch.cat([_sq_dist(xc, grp.xx[:, s:e], c, cc) for s, e, xc in grp.chunks], dim=1)
+
+
+def _kmeans_pp(
+    x: Tensor,
+    valid: Tensor,
+    xx: Tensor,
+    k: Tensor,
+    k_max: int,
+    n_init: int,
+    generator: torch.Generator,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Greedy k-means++ seeding of ``n_init`` independent runs per group (scikit-learn's
+    ``_kmeans_plusplus``: D^2 sampling of ``2 + floor(ln K_max)`` candidates per step, the one lowering
+    the potential most is kept). A run stops adding centres at its group's ``k`` or when every valid
+    point coincides with a centre (no distinct point left). The random draws do not depend on which
+    groups are still seeding. Returns ``centers (G, R, K, D)`` float32 and ``cmask (G, R, K)`` bool."""
+    g, n, d = x.shape
+    r = n_init
+    centers = torch.zeros(g, r, k_max, d, device=x.device)
+    cmask = torch.zeros(g, r, k_max, dtype=torch.bool, device=x.device)
+    weights = valid.float()  # (G, N)
+    first = _draw(weights.repeat_interleave(r, 0), 1, generator).view(g, r)  # uniform among valid points
+    on = ((weights.sum(1) > 0) & (k > 0)).view(g, 1).expand(g, r)
+    c0 = torch.where(on.unsqueeze(2), _rows(x, valid, first), 0.0)  # (G, R, D)
+    centers[:, :, 0], cmask[:, :, 0] = c0, on
+    everyone = _Groups(x, valid, xx, torch.arange(g, device=x.device), budget)
+    closest = _pairwise(everyone, c0).transpose(1, 2) * weights.unsqueeze(1)  # (G, R, N) potential per point
+    trials = 2 + int(math.log(k_max))
+    for j in range(1, k_max):
+        active = cmask[:, :, j - 1] & (k > j).unsqueeze(1) & (closest.sum(2) > 0)  # (G, R)
+        pool = torch.where(active.unsqueeze(2), closest, weights.unsqueeze(1)).reshape(g * r, n)
+        cand_idx = _draw(pool, trials, generator).view(g, r * trials)
+        ids = active.any(1).nonzero().squeeze(1)
+        if ids.numel() == 0:
+            break
+        grp = _Groups(x, valid, xx, ids, budget)
+        ids = grp.ids
+        gs = ids.numel()
+        cand = _rows(grp.x, grp.valid, cand_idx[ids])  # (G', R*T, D)
+        d_cand = _pairwise(grp, cand).view(gs, n, r, trials).permute(0, 2, 3, 1)  # (G', R, T, N)
+        near, w = closest[ids], weights[ids].view(gs, 1, 1, n)  # (G', R, N)
+        pot = (torch.minimum(near.unsqueeze(2), d_cand) * w).sum(3)  # (G', R, T)
+        pick = pot.argmin(2).view(gs, r, 1, 1)
+        new_center = cand.view(gs, r, trials, d).gather(2, pick.expand(-1, -1, 1, d)).squeeze(2)
+        new_near = torch.minimum(near, d_cand.gather(2, pick.expand(-1, -1, 1, n)).squeeze(2)) * w.view(gs, 1, n)
+        on = active[ids]
+        centers[ids, :, j] = torch.where(on.unsqueeze(2), new_center, 0.0)
+        cmask[ids, :, j] = on
+        closest[ids] = torch.where(on.unsqueeze(2), new_near, near)
+    return centers, cmask
+
+
+def _assign(
+    grp: _Groups, centers: Tensor, cmask: Tensor, with_sums: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """E-step (and M-step statistics) of ``R`` runs at once, one pass over the points of ``grp``.
+
+    ``centers (G', R, K, D)``, ``cmask (G', R, K)`` -> labels ``(G', R, N)``, squared distance to the
+    nearest centre ``(G', R, N)``, and when ``with_sums`` the per-centre sums ``(G', R, K, D)`` and
+    counts ``(G', R, K)`` over valid points."""
+    g, r, k_max, d = centers.shape
+    n = grp.valid.shape[1]
+    flat = centers.reshape(g, r * k_max, d)
+    cc = (flat * flat).sum(2)
+    labels = torch.empty(g, r, n, dtype=torch.long, device=centers.device)
+    dmin = torch.empty(g, r, n, dtype=torch.float32, device=centers.device)
+    sums = centers.new_zeros(g, r * k_max, d) if with_sums else None
+    counts = centers.new_zeros(g, r * k_max) if with_sums else None
+    off = ~cmask.reshape(g, 1, r * k_max)
+    run_offset = (torch.arange(r, device=centers.device) * k_max).view(1, 1, r)
+    for s, e, xc in grp.chunks:
+        d2 = _sq_dist(xc, grp.xx[:, s:e], flat, cc).masked_fill_(off, math.inf)
+        best_d, best = d2.view(g, e - s, r, k_max).min(3)  # (G', n, R)
+        labels[:, :, s:e], dmin[:, :, s:e] = best.transpose(1, 2), best_d.transpose(1, 2)
+        if with_sums:
+            hit = grp.valid[:, s:e, None].float().expand(-1, -1, r)
+            onehot = torch.zeros(g, e - s, r * k_max, device=xc.device).scatter_(2, best + run_offset, hit)
+            sums.baddbmm_(onehot.transpose(1, 2), xc)
+            counts += onehot.sum(1)
+    if with_sums:
+        sums, counts = sums.view(g, r, k_max, d), counts.view(g, r, k_max)
+    return labels, dmin, sums, counts
+
+
+def kmeans(
+    x: Tensor,
+    valid: Tensor,
+    k: Tensor,
+    *,
+    k_max: int | None = None,
+    iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    n_init: int = 3,
+    chunk_elems: int | None = None,
+) -> KMeansResult:
+    """K-Means of ``G`` groups at once (CPG's ``Cluster(Memory_{alpha,c}, N_{alpha,c})``, Eq. 10).
+
+    Seeding: greedy k-means++ with a ``torch.Generator`` seeded by ``seed`` on the CPU (identical
+    centres on every call, device and rank for identical input). Then Lloyd: assign each valid point to
+    its nearest centre (``||x||^2 - 2 x c^T + ||c||^2``, clamped >= 0), move each centre to the mean of
+    its points (sum over the ``n_{g,k}`` assigned points divided by ``n_{g,k}``), until a run's squared
+    centre shift summed over its centres is ``<= tol * mean_d Var(x_d)`` (scikit-learn's relative
+    tolerance; that run then stops, as if clustered alone) or ``iters`` iterations. A centre left
+    without points is moved to the valid point farthest from its centre (the 2nd farthest for a 2nd
+    empty centre, ...), never NaN. ``n_init`` runs per group share every pass over the data (the
+    passes are memory-bound, so extra runs cost little) and the run of lowest inertia is returned, as
+    scikit-learn's ``n_init``. Labels and inertia come from a final assignment to the returned centres.
+
+    Args:
+        x: points ``(G, N, D)``, any float dtype (read in float32 by chunks of ``N``).
+        valid: ``(G, N)`` bool, the points of each group (e.g. the filled bank slots).
+        k: ``(G,)`` long, centres per group (may differ; 0 gives no centre).
+        k_max: width of the padded result (default ``max(k)``; must be ``>= max(k)``).
+        iters: maximum Lloyd iterations. tol: relative tolerance. seed: k-means++ seed.
+        n_init: independent seedings per group (the best one is kept).
+        chunk_elems: float32 elements of ``x`` converted at once (default :data:`CHUNK_ELEMS`).
+
+    Returns:
+        :class:`KMeansResult`. A group with fewer distinct valid points than ``k`` gets exactly its
+        distinct points as centres (the rest masked, ``deficient`` True); one without valid points none.
+
+    Example:
+        >>> x = torch.tensor([[[0.0], [0.2], [10.0], [10.2]]])
+        >>> res = kmeans(x, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]))
+        >>> sorted(res.centers[0].flatten().tolist()), round(res.inertia.item(), 4)
+        ([0.10000000149011612, 10.100000381469727], 0.04)
+    """
+    if x.ndim != 3 or valid.shape != x.shape[:2] or k.shape != x.shape[:1]:
+        raise ValueError(
+            f"kmeans expects x (G, N, D), valid (G, N), k (G,); got {tuple(x.shape)}, {tuple(valid.shape)}, "
+            f"{tuple(k.shape)}"
+        )
+    if n_init < 1:
+        raise ValueError(f"n_init={n_init}; expected >= 1")
+    g, n, d = x.shape
+    device = x.device
+    valid = valid.to(device=device, dtype=torch.bool)
+    k = k.to(device=device, dtype=torch.long).clamp_min(0)
+    k_top = int(k.max()) if g > 0 else 0
+    k_max = k_top if k_max is None else int(k_max)
+    if k_max < k_top:
+        raise ValueError(f"k_max={k_max} is smaller than max(k)={k_top}")
+    if g == 0 or n == 0 or k_max == 0:
+        return KMeansResult(
+            centers=torch.zeros(g, k_max, d, device=device),
+            center_mask=torch.zeros(g, k_max, dtype=torch.bool, device=device),
+            inertia=torch.zeros(g, device=device),
+            labels=torch.full((g, n), -1, dtype=torch.long, device=device),
+            n_iter=0,
+            deficient=k > 0,
+        )
+    budget = chunk_elems if chunk_elems is not None else CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"])
+
+    xx = torch.empty(g, n, device=device)
+    total = torch.zeros(g, d, device=device)
+    for s, e, xc in _Chunks(x, valid, budget):
+        xx[:, s:e] = torch.einsum("gnd,gnd->gn", xc, xc)
+        total += xc.sum(1)
+    n_valid = valid.sum(1).clamp_min(1).float()
+    mean_var = ((xx.sum(1) / n_valid) - ((total / n_valid.unsqueeze(1)) ** 2).sum(1)).clamp_min(0) / d
+    tol_g = (tol * mean_var).unsqueeze(1)  # (G, 1) scikit-learn's tol * mean(var(X, axis=0))
+
+    generator = torch.Generator().manual_seed(int(seed))
+    centers, cmask = _kmeans_pp(x, valid, xx, k, k_max, n_init, generator, budget)  # (G, R, K, D), (G, R, K)
+
+    active = cmask.any(2)  # (G, R) runs still moving
+    n_iter = 0
+    for _ in range(iters):
+        ids = active.any(1).nonzero().squeeze(1)
+        if ids.numel() == 0:
+            break
+        grp = _Groups(x, valid, xx, ids, budget)
+        ids = grp.ids
+        old, m = centers[ids], cmask[ids]
+        _, dmin, sums, counts = _assign(grp, old, m, with_sums=True)
+        new = torch.where((counts > 0).unsqueeze(3), sums / counts.clamp_min(1).unsqueeze(3), old)
+        empty = m & (counts == 0)
+        if bool(empty.any()):
+            # farthest valid points of each run, the j-th farthest for its j-th empty centre
+            far = dmin.masked_fill(~grp.valid.unsqueeze(1), -1.0).topk(min(k_max, n), dim=2).indices
+            order = (empty.long().cumsum(2) - 1).clamp(0, far.shape[2] - 1)
+            point = far.gather(2, order)  # (G', R, K)
+            repl = _rows(grp.x, grp.valid, point.flatten(1)).view_as(new)
+            new = torch.where(empty.unsqueeze(3), repl, new)
+        new = new.masked_fill(~m.unsqueeze(3), 0.0)
+        shift = ((new - old) ** 2).sum(3).sum(2)  # (G', R)
+        moving = active[ids]
+        centers[ids] = torch.where(moving.view(*moving.shape, 1, 1), new, old)
+        active[ids] = moving & (shift > tol_g[ids])
+        n_iter += 1
+
+    everyone = _Groups(x, valid, xx, torch.arange(g, device=device), budget)
+    labels, dmin, _, _ = _assign(everyone, centers, cmask, with_sums=False)  # (G, R, N)
+    has_center = cmask.any(2)  # (G, R)
+    inertia = torch.where(valid.unsqueeze(1) & has_center.unsqueeze(2), dmin, 0.0).sum(2)  # (G, R)
+    best = inertia.argmin(1)  # lowest inertia (the first run on ties)
+    rows = torch.arange(g, device=device)
+    centers, cmask, labels = centers[rows, best], cmask[rows, best], labels[rows, best]
+    labels = labels.masked_fill(~valid | ~cmask.any(1, keepdim=True), -1)
+    deficient = cmask.sum(1) < k
+    return KMeansResult(centers, cmask, inertia[rows, best], labels, n_iter, deficient)

@@ -1,0 +1,255 @@
+"""``SemiSupervisedDataModule``: labeled + unlabeled training loaders combined, and the val loader.
+
+Training batches are ``{"labeled": {"image", "mask", "name"}, "unlabeled": {"image", "image_strong",
+"valid", "name"}}`` from ``CombinedLoader(mode="max_size_cycle")``. An epoch is ONE pass over the unlabeled
+set (``len(unlabeled) // batch_size_unlabeled`` batches, ``drop_last``); the labeled set cycles: its sampler
+concatenates fresh random passes over the labeled images (UniMatch's repeated id list) until it has exactly
+as many batches. The supervised baseline (``use_unlabeled=False``) keeps the same epoch length with the
+labeled loader alone; with no unlabeled images (split "full") an epoch is one pass over the labeled set.
+
+Under DDP, Lightning replaces the labeled sampler (a ``RandomSampler``) by a ``DistributedSampler`` over the
+labeled set repeated to the epoch length, so every rank still has about one unlabeled pass of labeled batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.combined_loader import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data._utils.collate import default_collate
+
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.data.datasets.folder import FolderDataset
+from brpg_lightning.data.datasets.synthetic import generate_synthetic, synthetic_class_names
+from brpg_lightning.data.splits import validate_split
+from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
+from brpg_lightning.errors import BRPGInputError
+
+
+class RepeatDataset(Dataset):
+    """``dataset`` repeated ``times`` times: item ``i`` is ``dataset[i % len(dataset)]``."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        self.dataset, self.times, self.base_len = dataset, int(times), len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.base_len * self.times
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % self.base_len]
+
+
+class CyclingRandomSampler(RandomSampler):
+    """Fresh random permutations of ``range(base_len)`` concatenated and cut at ``num_samples`` indices.
+
+    Every labeled image is seen once per pass before any is seen again. It is a ``RandomSampler`` (torch's
+    global RNG unless ``generator``) so that Lightning treats the loader as shuffled.
+
+    >>> ds = RepeatDataset(list(range(3)), 3)
+    >>> idx = list(CyclingRandomSampler(ds, base_len=3, num_samples=7))
+    >>> len(idx), sorted(idx[:3]), sorted(idx[3:6])
+    (7, [0, 1, 2], [0, 1, 2])
+    """
+
+    def __init__(
+        self, data_source: Sequence[Any] | Dataset, base_len: int, num_samples: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(data_source, replacement=False, num_samples=num_samples, generator=generator)  # type: ignore[arg-type]
+        self.base_len = int(base_len)
+
+    def __iter__(self) -> Iterator[int]:
+        remaining = self.num_samples
+        while remaining > 0:
+            yield from torch.randperm(self.base_len, generator=self.generator).tolist()[:remaining]
+            remaining -= self.base_len
+
+
+def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` with a one-line error when images of one val batch differ in size."""
+    sizes = sorted({tuple(item["image"].shape[-2:]) for item in items})
+    if len(sizes) > 1:
+        raise BRPGInputError(
+            f"val images {[item['name'] for item in items]} have different sizes {sizes}; "
+            f"set dataset.batch_size_val=1 or dataset.val_mode=center_crop"
+        )
+    return default_collate(items)
+
+
+class SemiSupervisedDataModule(pl.LightningDataModule):
+    """Datamodule over the folder layout (``data.datasets.folder``), optionally generating the synthetic set.
+
+    Args:
+        name: dataset name (for messages; "synthetic" gets the synthetic class names by default).
+        root: dataset root in the folder layout.
+        num_classes: ``C``.
+        split: labeled split name; checked against ``valid_splits`` as a string.
+        valid_splits: accepted split names (None: any).
+        crop_size: training crop side.
+        batch_size_labeled, batch_size_unlabeled, batch_size_val: batch sizes ``B_l``, ``B_u``, val.
+        num_workers, persistent_workers, pin_memory: ``DataLoader`` options (persistent only if workers > 0).
+        use_unlabeled: load unlabeled images (False: the supervised baseline, same epoch length).
+        scale_range, flip_p: weak augmentation (paper Sec. 4.1.5: 0.5-2.0, 0.5).
+        strong: keyword arguments of ``transforms.StrongColor``.
+        val_mode, val_crop_size: see ``transforms.ValTransform``.
+        synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
+            ``split``/``num_classes`` default to this module's and must agree with them.
+        class_names: one name per class (default: synthetic names, else ``class_<i>``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        num_classes: int,
+        split: str | int,
+        valid_splits: list[str | int] | None = None,
+        crop_size: int = 321,
+        batch_size_labeled: int = 2,
+        batch_size_unlabeled: int = 2,
+        batch_size_val: int = 1,
+        num_workers: int = 0,
+        use_unlabeled: bool = True,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        flip_p: float = 0.5,
+        strong: dict[str, Any] | None = None,
+        val_mode: str = "whole",
+        val_crop_size: int | None = None,
+        synthetic: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.name = str(name)
+        self.root = Path(str(root))
+        self.num_classes = int(num_classes)
+        self.split = validate_split(split, None if valid_splits is None else list(valid_splits), self.name)
+        self.ignore_index = IGNORE_INDEX
+        for key, value in (("batch_size_labeled", batch_size_labeled), ("batch_size_unlabeled", batch_size_unlabeled),
+                           ("batch_size_val", batch_size_val), ("crop_size", crop_size)):
+            if int(value) < 1:
+                raise BRPGInputError(f"dataset.{key}={value}; expected an integer >= 1")
+        if int(num_workers) < 0:
+            raise BRPGInputError(f"dataset.num_workers={num_workers}; expected an integer >= 0")
+        self.batch_size_labeled, self.batch_size_unlabeled = int(batch_size_labeled), int(batch_size_unlabeled)
+        self.batch_size_val, self.num_workers = int(batch_size_val), int(num_workers)
+        self.persistent_workers, self.pin_memory = bool(persistent_workers), bool(pin_memory)
+        self.use_unlabeled = bool(use_unlabeled)
+
+        self.synthetic = None if synthetic is None else self._synthetic_kwargs(dict(synthetic))
+        if class_names is None:
+            class_names = synthetic_class_names(self.num_classes) if self.synthetic is not None or \
+                self.name == "synthetic" else [f"class_{i}" for i in range(self.num_classes)]
+        self.class_names = [str(c) for c in class_names]
+        if len(self.class_names) != self.num_classes:
+            raise BRPGInputError(
+                f"dataset.class_names has {len(self.class_names)} names; expected num_classes={self.num_classes}"
+            )
+
+        self.labeled_transform = LabeledTransform(int(crop_size), tuple(scale_range), float(flip_p))
+        self.unlabeled_transform = UnlabeledTransform(
+            int(crop_size), tuple(scale_range), float(flip_p), dict(strong) if strong else None
+        )
+        self.val_transform = ValTransform(str(val_mode), val_crop_size)
+
+        self.labeled_set: FolderDataset | None = None
+        self.unlabeled_set: FolderDataset | None = None
+        self.val_set: FolderDataset | None = None
+        self.num_unlabeled_images = 0
+
+    def _synthetic_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key, mine in (("split", self.split), ("num_classes", self.num_classes)):
+            theirs = kwargs.setdefault(key, mine)
+            if str(theirs) != str(mine):
+                raise BRPGInputError(f"dataset.synthetic.{key}={theirs} differs from dataset.{key}={mine}")
+        return kwargs
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset into ``root`` (skipped when its marker matches)."""
+        if self.synthetic is not None:
+            generate_synthetic(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets once (validating the layout): train sets for ``fit``, val for every stage."""
+        if stage in (None, "fit"):
+            self._build_train()
+        if self.val_set is None:
+            self.val_set = FolderDataset(self.root, "val", self.num_classes, self.val_transform)
+
+    def _build_train(self) -> None:
+        if self.labeled_set is not None:
+            return
+        labeled = FolderDataset(self.root, "labeled", self.num_classes, self.labeled_transform)
+        if self.use_unlabeled:
+            self.unlabeled_set = FolderDataset(
+                self.root, "unlabeled", self.num_classes, self.unlabeled_transform, allow_empty=True
+            )
+            self.num_unlabeled_images = len(self.unlabeled_set)
+        elif (self.root / "unlabeled" / "images").is_dir():  # SupOnly: count only, for the same epoch length
+            self.num_unlabeled_images = len(FolderDataset(self.root, "unlabeled", self.num_classes, allow_empty=True))
+        self.labeled_set = labeled
+        if self.num_unlabeled_images and self.num_unlabeled_images < self.batch_size_unlabeled:
+            raise BRPGInputError(
+                f"'{self.root / 'unlabeled' / 'images'}' holds {self.num_unlabeled_images} images, fewer than "
+                f"batch_size_unlabeled={self.batch_size_unlabeled}"
+            )
+        if not self.num_unlabeled_images and len(labeled) < self.batch_size_labeled:
+            raise BRPGInputError(
+                f"'{self.root / 'labeled' / 'images'}' holds {len(labeled)} images, fewer than "
+                f"batch_size_labeled={self.batch_size_labeled}"
+            )
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        """Training batches per epoch: ``N_u // B_u`` when there are unlabeled images, else ``N_l // B_l``."""
+        self._build_train()
+        if self.num_unlabeled_images:
+            return self.num_unlabeled_images // self.batch_size_unlabeled
+        assert self.labeled_set is not None
+        return len(self.labeled_set) // self.batch_size_labeled
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        self._build_train()
+        assert self.labeled_set is not None
+        iters = self.iterations_per_epoch
+        if self.num_unlabeled_images:  # labeled cycles to exactly `iters` batches
+            n_l, needed = len(self.labeled_set), iters * self.batch_size_labeled
+            repeated = RepeatDataset(self.labeled_set, math.ceil(needed / n_l))
+            sampler = CyclingRandomSampler(repeated, base_len=n_l, num_samples=needed)
+            labeled = self._loader(repeated, self.batch_size_labeled, sampler=sampler, drop_last=True)
+        else:
+            labeled = self._loader(self.labeled_set, self.batch_size_labeled, shuffle=True, drop_last=True)
+        loaders: dict[str, DataLoader] = {"labeled": labeled}
+        if self.use_unlabeled and self.unlabeled_set is not None and len(self.unlabeled_set):
+            loaders["unlabeled"] = self._loader(
+                self.unlabeled_set, self.batch_size_unlabeled, shuffle=True, drop_last=True
+            )
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        assert self.val_set is not None
+        return self._loader(self.val_set, self.batch_size_val, shuffle=False, collate_fn=collate_val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,100 @@
+"""APO (Eq. 11-14): dispersion scores and the percentile rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from brpg_lightning.brpg.apo import apo_extra, dispersion
+
+
+def _reference_dispersion(x: torch.Tensor, valid: torch.Tensor, indicator: str) -> list[float]:
+    """Eq. (11) / (13) with explicit loops over groups and features, in float64."""
+    out = []
+    for g in range(x.shape[0]):
+        feats = [x[g, i].double() for i in range(x.shape[1]) if valid[g, i]]
+        if not feats:
+            out.append(math.nan)
+            continue
+        mean = sum(feats) / len(feats)
+        if indicator == "cosine":
+            terms = [float(f @ mean / (f.norm() * mean.norm())) for f in feats]
+        else:
+            terms = [float((f - mean).norm()) for f in feats]
+        out.append(sum(terms) / len(terms))
+    return out
+
+
+@pytest.mark.parametrize("indicator", ["cosine", "l2"])
+def test_dispersion_matches_reference(indicator: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 50, 6, generator=gen) + torch.randn(4, 1, 6, generator=gen)).half()
+    valid = torch.rand(4, 50, generator=gen) < 0.7
+    valid[3] = False  # empty bank -> NaN
+    x[~valid] = torch.nan  # unused slots never read
+    got = dispersion(x, valid, indicator)
+    ref = _reference_dispersion(x, valid, indicator)
+    assert math.isnan(got[3].item()) and math.isnan(ref[3])
+    torch.testing.assert_close(got[:3], torch.tensor(ref[:3], dtype=torch.float32), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("indicator", ["cosine", "l2"])
+def test_planted_scattered_class_is_picked(indicator: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    c, n, d = 21, 200, 16
+    centres = torch.randn(c, 1, d, generator=gen) * 5 + 10
+    x = centres + 0.3 * torch.randn(c, n, d, generator=gen)
+    x[7] = centres[7] + 4.0 * torch.randn(n, d, generator=gen)  # class 7 is scattered
+    scores = dispersion(x, torch.ones(c, n, dtype=torch.bool), indicator)
+    extra = apo_extra(scores, alpha_t=0.05, indicator=indicator)
+    assert extra.tolist() == [1 if i == 7 else 0 for i in range(c)]
+
+
+def _gamma_by_hand(sorted_scores: list[float], q: float) -> float:
+    """numpy's linear percentile: position q * (n - 1) between order statistics."""
+    pos = q * (len(sorted_scores) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_scores) - 1)
+    return sorted_scores[lo] + (pos - lo) * (sorted_scores[hi] - sorted_scores[lo])
+
+
+# np.percentile's linear rule puts gamma at position p = 0.05 * (C - 1) of the sorted scores:
+# C=6 -> p=0.25 (s0 < gamma < s1: 1 class), C=19 -> 0.9 (1), C=21 -> 1.0 (gamma = s1, strict "<": only s0),
+# C=81 -> 4.0 (gamma = s4: s0..s3, 4 classes). The l2 rule mirrors it at 0.95 * (C - 1) with ">".
+@pytest.mark.parametrize(("num_classes", "expected"), [(6, 1), (19, 1), (21, 1), (81, 4)])
+@pytest.mark.parametrize("indicator", ["cosine", "l2"])
+def test_percentile_rule_counts(num_classes: int, expected: int, indicator: str) -> None:
+    gen = torch.Generator().manual_seed(num_classes)
+    scores = torch.rand(num_classes, generator=gen, dtype=torch.float64).float()  # distinct
+    extra = apo_extra(scores, alpha_t=0.05, indicator=indicator)
+    assert int(extra.sum()) == expected
+    s = sorted(scores.tolist())
+    if indicator == "cosine":
+        gamma = np.percentile(scores.numpy(), 5.0)
+        assert gamma == pytest.approx(_gamma_by_hand(s, 0.05))
+        picked = (scores.numpy() < gamma).astype(int)
+        assert set(torch.nonzero(extra).flatten().tolist()) == {int(i) for i in scores.argsort()[:expected]}
+    else:
+        gamma = np.percentile(scores.numpy(), 95.0)
+        assert gamma == pytest.approx(_gamma_by_hand(s, 0.95))
+        picked = (scores.numpy() > gamma).astype(int)
+        assert set(torch.nonzero(extra).flatten().tolist()) == {int(i) for i in scores.argsort()[-expected:]}
+    assert extra.tolist() == picked.tolist()
+
+
+def test_n_add_and_nan_scores() -> None:
+    scores = torch.tensor([0.9, math.nan, 0.2, 0.8, 0.85, 0.95, math.nan])
+    extra = apo_extra(scores, alpha_t=0.05, indicator="cosine", n_add=3)
+    # finite [0.2, 0.8, 0.85, 0.9, 0.95]: gamma = 0.2 + 0.2 * 0.6 = 0.32 -> only 0.2
+    assert extra.tolist() == [0, 0, 3, 0, 0, 0, 0] and extra.dtype == torch.long
+    assert apo_extra(scores, indicator="l2", n_add=2).tolist() == [0, 0, 0, 0, 0, 2, 0]
+    assert apo_extra(torch.full((3,), math.nan)).tolist() == [0, 0, 0]
+    assert apo_extra(scores, alpha_t=0.0).sum() == 0  # gamma = min: nothing strictly below
+
+
+def test_bad_indicator() -> None:
+    with pytest.raises(ValueError, match="indicator"):
+        apo_extra(torch.rand(3), indicator="l1")

@@ -1,0 +1,152 @@
+"""Bank masks (Sec. 3.4.1) and point sampling for L_pro (Eq. 17-18)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brpg_lightning.brpg.sampling import (
+    bank_masks,
+    downsample_labels,
+    gather_points,
+    grid_points,
+    random_points,
+    random_subset,
+    sample_points,
+)
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.models.output import resize_to_input
+
+# one image, 1 x 5 pixels, 3 classes; worked by hand below
+PROBS = torch.tensor(
+    [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.2, 0.1, 0.7], [0.05, 0.15, 0.8]]
+).t().reshape(1, 3, 1, 5)
+LABELS = torch.tensor([[[0, 0, 0, IGNORE_INDEX, 2]]])
+
+
+def test_bank_masks_labeled_by_hand() -> None:
+    high, low, pred, conf = bank_masks(PROBS, LABELS, 0.8)
+    # p0 correct 0.9 -> high; p1 correct 0.6 -> low; p2 wrong; p3 ignored; p4 correct, 0.8 >= 0.8 -> high
+    assert high.flatten().tolist() == [True, False, False, False, True]
+    assert low.flatten().tolist() == [False, True, False, False, False]
+    assert pred.flatten().tolist() == [0, 0, 1, 2, 2]
+    assert torch.allclose(conf.flatten(), torch.tensor([0.9, 0.6, 0.85, 0.7, 0.8]))
+
+
+def test_bank_masks_class_specific_thresholds_by_hand() -> None:
+    eta = torch.tensor([0.95, 0.5, 0.85])
+    high, low, _, _ = bank_masks(PROBS, LABELS, eta)  # eta read at the label
+    assert high.flatten().tolist() == [False, False, False, False, False]
+    assert low.flatten().tolist() == [True, True, False, False, True]
+    high_u, low_u, _, _ = bank_masks(PROBS, None, eta)  # eta read at the prediction
+    assert low_u is None
+    assert high_u.flatten().tolist() == [False, False, True, False, False]
+
+
+def test_bank_masks_unlabeled_by_hand() -> None:
+    high, low, _, _ = bank_masks(PROBS, None, 0.8)
+    assert low is None
+    assert high.flatten().tolist() == [True, False, True, False, True]
+
+
+def test_grid_points_by_hand() -> None:
+    coords = grid_points(2, 64, 64, grid=4)
+    centres = [8, 24, 40, 56]  # floor((i + 0.5) * 64 / 4)
+    expected = [[y, x] for y in centres for x in centres]
+    assert coords.shape == (2, 16, 2) and coords.dtype == torch.long
+    assert coords[0].tolist() == expected and coords[1].tolist() == expected
+    rect = grid_points(1, 10, 7, grid=3)  # y: floor(0.5*10/3)=1, floor(1.5*10/3)=5, floor(2.5*10/3)=8
+    assert sorted({y for y, _ in rect[0].tolist()}) == [1, 5, 8]
+    assert sorted({x for _, x in rect[0].tolist()}) == [1, 3, 5]  # floor(7/6), floor(21/6), floor(35/6)
+
+
+@pytest.mark.parametrize("num", [5, 40, 200])
+def test_random_points_picks_distinct_candidates(num: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cand = torch.rand(3, 9, 11, generator=gen) < 0.3
+    cand[2] = False  # an image without candidates
+    coords, valid = random_points(cand, num, generator=torch.Generator().manual_seed(1))
+    assert coords.shape == (3, num, 2) and valid.shape == (3, num)
+    for b in range(3):
+        n_cand = int(cand[b].sum())
+        assert int(valid[b].sum()) == min(num, n_cand)
+        picked = coords[b][valid[b]].tolist()
+        assert len({tuple(p) for p in picked}) == len(picked)  # no duplicates
+        assert all(bool(cand[b, y, x]) for y, x in picked)  # never a non-candidate
+        assert valid[b].tolist() == sorted(valid[b].tolist(), reverse=True)  # valid rows first
+        assert (coords[b][~valid[b]] == 0).all()
+
+
+def test_random_points_is_uniform_over_candidates() -> None:
+    cand = torch.zeros(1, 4, 4, dtype=torch.bool)
+    cand[0, :2] = True  # 8 candidates, 2 drawn each time
+    gen = torch.Generator().manual_seed(0)
+    hits = torch.zeros(4, 4)
+    for _ in range(2000):
+        coords, valid = random_points(cand, 2, generator=gen)
+        for y, x in coords[0][valid[0]].tolist():
+            hits[y, x] += 1
+    assert hits[2:].sum() == 0
+    assert torch.allclose(hits[:2] / 2000, torch.full((2, 4), 0.25), atol=0.04)  # 2/8 each
+
+
+def test_random_subset() -> None:
+    assert random_subset(4, 10).tolist() == [0, 1, 2, 3]
+    idx = random_subset(100, 30, generator=torch.Generator().manual_seed(0))
+    assert idx.numel() == 30 and idx.unique().numel() == 30 and 0 <= idx.min() and idx.max() < 100
+
+
+def _reference_upsampled(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int], stride: int):
+    """The official way: upsample the whole map to the crop, then index each point."""
+    up = resize_to_input(fmap, size, stride)
+    return torch.stack([up[b, :, coords[b, :, 0], coords[b, :, 1]].t() for b in range(fmap.shape[0])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("height", "width", "stride"), [(321, 321, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)])
+def test_sample_points_equals_upsample_then_index(height: int, width: int, stride: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(height + width)
+    h, w = math.ceil(height / stride), math.ceil(width / stride)
+    fmap = torch.randn(2, 5, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    ys = torch.randint(0, height, (2, 300), generator=gen)
+    xs = torch.randint(0, width, (2, 300), generator=gen)
+    borders = torch.tensor([[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1], [1, 2], [height - 2, 3]])
+    coords = torch.cat([torch.stack([ys, xs], -1), borders.expand(2, -1, -1)], dim=1)
+    got = sample_points(fmap, coords, stride)
+    assert got.shape == (2, coords.shape[1], 5)
+    expected = _reference_upsampled(fmap, coords, (height, width), stride)
+    # float64: the same numbers; float32: positions round-trip through [-1, 1] (~1e-5 of a map pixel)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_sample_points_gradient_equals_upsample_then_index() -> None:
+    gen = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 3, 81, 81, generator=gen, requires_grad=True)
+    coords = torch.randint(0, 321, (1, 200, 2), generator=gen)
+    weights = torch.randn(1, 200, 3, generator=gen)
+    (sample_points(fmap, coords, 4) * weights).sum().backward()
+    ours = fmap.grad.clone()
+    fmap.grad = None
+    (_reference_upsampled(fmap, coords, (321, 321), 4) * weights).sum().backward()
+    torch.testing.assert_close(ours, fmap.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_points() -> None:
+    maps = torch.randint(0, 20, (2, 7, 9))
+    coords = torch.stack([torch.randint(0, 7, (2, 15)), torch.randint(0, 9, (2, 15))], -1)
+    expected = torch.tensor([[maps[b, y, x].item() for y, x in coords[b].tolist()] for b in range(2)])
+    assert torch.equal(gather_points(maps, coords), expected)
+
+
+def test_downsample_labels_matches_nearest_interpolate() -> None:
+    labels = torch.randint(0, 21, (2, 321, 321))
+    labels[:, :10] = IGNORE_INDEX
+    got = downsample_labels(labels, (81, 81))
+    expected = F.interpolate(labels[:, None].float(), size=(81, 81), mode="nearest")[:, 0].long()
+    assert got.dtype == torch.long and torch.equal(got, expected)
+    # nearest reads source index floor(i * H / h): check a few by hand
+    assert got[0, 5, 7] == labels[0, (5 * 321) // 81, (7 * 321) // 81]
