@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,28 +46,30 @@ def official(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int]) ->
 
 
 CHILD = """
-import json, resource, sys, torch
+import json, torch
 from benchmarks.bench_point_sampling import setup, ours, official
 torch.set_num_threads({threads})
 fmap, coords, size = setup(*{args})
 fn = ours if "{which}" == "ours" else official
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * {page}
-base, high_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS")
 fn(fmap, coords, size).square().sum().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"base": base, "high_before": high_before, "peak": peak}}))
+print(json.dumps({{"base": base, "peak": status("VmHWM")}}))
 """
 
 
 def peak_growth(which: str, args: tuple) -> int:
-    """Peak RSS growth (bytes) of a fresh interpreter running ``which`` forward+backward once."""
-    code = CHILD.format(threads=torch.get_num_threads(), args=args, which=which, page=os.sysconf("SC_PAGE_SIZE"))
+    """Peak RSS growth (bytes) of a fresh interpreter running ``which`` forward+backward once
+    (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)."""
+    code = CHILD.format(threads=torch.get_num_threads(), args=args, which=which)
     root = Path(__file__).resolve().parents[1]  # so that the child imports this package
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return max(0, r["peak"] - max(r["base"], r["high_before"]))
+    return max(0, r["peak"] - r["base"])
 
 
 def run(quick: bool) -> list[str]:
@@ -104,7 +105,7 @@ def run(quick: bool) -> list[str]:
     growth_ours = peak_growth("ours", args)
     growth_official = peak_growth("official", args)
     mem_ratio = analytic_official / analytic_ours
-    rss_ratio = growth_official / max(growth_ours, 1)
+    rss_ratio = growth_official / max(growth_ours, 4096)  # at least a page
     return [
         f"map ({batch}, {dim}, {h}, {h}) float32 at stride {STRIDE} -> crop {crop}x{crop}; "
         f"{grid}x{grid} grid + {num_random} random points per image (M = {m})",

@@ -86,16 +86,22 @@ class MemoryBank(nn.Module):
         if n == 0:
             return
         cap = self.capacity
-        # Stable sort by class: within a class, positions keep the push order.
+        # Rank of each feature within its class, in push order: stable sort by class, then position
+        # in the sorted run (sorted positions are scattered back to push order).
         labels_sorted, order = torch.sort(labels, stable=True)
         per_class = torch.bincount(labels, minlength=self.num_classes)  # (C,)
         start = torch.cumsum(per_class, 0) - per_class  # first sorted position of each class
-        rank = torch.arange(n, device=device) - start[labels_sorted]  # 0-based rank within its class
-        skip = (per_class - cap).clamp_min(0)  # more than V for a class: drop its first n_c - V
-        kept = rank >= skip[labels_sorted]
-        slot = (self.ptr[labels_sorted] + rank - skip[labels_sorted]) % cap
-        src = order[kept].to(feats.device)
-        self.feats[labels_sorted[kept], slot[kept]] = feats[src].to(device=device, dtype=self.feats.dtype)
+        rank = torch.empty_like(labels)
+        rank[order] = torch.arange(n, device=device) - start[labels_sorted]
+        skip = (per_class - cap).clamp_min(0)[labels]  # more than V for a class: drop its first n_c - V
+        row = labels * cap + (self.ptr[labels] + rank - skip) % cap  # destination in (C * V, D)
+        storage = self.feats.view(-1, self.dim)
+        values = feats.to(device=device, dtype=self.feats.dtype)
+        if bool((skip > 0).any()):
+            kept = rank >= skip
+            storage.index_copy_(0, row[kept], values[kept])
+        else:  # the usual case: every feature lands, no gather
+            storage.index_copy_(0, row, values)
         written = per_class.clamp_max(cap)
         self.ptr.copy_((self.ptr + written) % cap)
         self.count.copy_((self.count + per_class).clamp_max(cap))

@@ -1,0 +1,188 @@
+"""BRPGCallback wiring: stages, eta_t from T_S2, loss injection, state round trip, and DDP consistency."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from brpg_lightning.brpg.callback import BRPGCallback
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.methods.context import TrainStepContext
+from brpg_lightning.models.output import SegmentorOutput
+
+C, D, H, W, S = 4, 8, 16, 16, 4  # classes, feature dim, crop, stride
+
+
+class StubModule:
+    """What the callback needs of a LightningModule: ``num_classes``, ``device``, ``log``."""
+
+    num_classes = C
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log(self, name: str, value, **kwargs) -> None:
+        self.logged[name] = float(value)
+
+
+def make_ctx(epoch: int, step: int, total: int, seed: int, grad: bool = False) -> TrainStepContext:
+    """A step whose features cluster by class, with confident predictions (most pixels pass eta_s)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = H // S, W // S
+
+    def out(b: int) -> tuple[SegmentorOutput, torch.Tensor]:
+        labels = torch.randint(0, C, (b, h, w), generator=g)
+        logits = 3.0 * torch.nn.functional.one_hot(labels, C).permute(0, 3, 1, 2).float()
+        logits = logits + torch.rand(b, C, h, w, generator=g) * 4.0  # some pixels become low-confidence
+        centres = torch.eye(C, D) * 5.0
+        feats = centres[labels].permute(0, 3, 1, 2) + torch.randn(b, D, h, w, generator=g) * 0.3
+        if grad:
+            feats.requires_grad_(True)
+        return SegmentorOutput(logits, feats, feats, S), labels
+
+    lab_out, lab = out(2)
+    labels_full = lab.repeat_interleave(S, 1).repeat_interleave(S, 2)
+    t_out, t_lab = out(2)
+    s_out, _ = out(2)
+    return TrainStepContext(
+        epoch=epoch, global_step=step, total_steps=total, labeled=lab_out, labels=labels_full,
+        unlabeled_teacher=t_out, unlabeled_student=s_out,
+        pseudo_labels=t_lab.repeat_interleave(S, 1).repeat_interleave(S, 2),
+        pseudo_confidence=torch.rand(2, H, W, generator=g) * 0.3 + 0.7,
+    )
+
+
+def make_callback(**kwargs) -> BRPGCallback:
+    args = dict(T_S1=1, T_S2=2, V=64, sample_num=20, grid=4, M_u=10, kmeans_iters=10, save_snapshot=False)
+    args.update(kwargs)
+    cb = BRPGCallback(**args)
+    cb.setup(None, StubModule(), "fit")
+    return cb
+
+
+def test_stages_follow_T_S1_T_S2_and_loss_is_added_only_in_the_prototype_stage() -> None:
+    cb, module = make_callback(), StubModule()
+    assert [cb.stage(e) for e in range(4)] == ["pretrain", "sampling", "prototype", "prototype"]
+    ctx = make_ctx(0, 0, 100, seed=0)
+    cb.on_train_step_context(None, module, ctx)
+    assert cb.bank_high is None and not ctx.losses  # pretraining: nothing
+    for step in range(1, 4):
+        ctx = make_ctx(1, step, 100, seed=step)
+        cb.on_train_step_context(None, module, ctx)
+        assert not ctx.losses
+    fill_h, fill_l = cb.bank_high.fill(), cb.bank_low.fill()
+    assert int(fill_h.sum()) > 0 and int(fill_l.sum()) > 0
+    # per-step caps: (B_l + B_u) * sample_num high and B_l * sample_num low, 3 steps
+    assert int(fill_h.sum()) <= 3 * (2 + 2) * 20 and int(fill_l.sum()) <= 3 * 2 * 20
+    ctx = make_ctx(2, 10, 100, seed=9, grad=True)
+    cb.on_train_step_context(None, module, ctx)
+    assert cb.prototypes is not None and cb.start_step == 10 and cb.bank_high is None
+    assert set(ctx.losses) == {"L_pro"} and torch.isfinite(ctx.losses["L_pro"])
+    ctx.losses["L_pro"].backward()
+    assert ctx.labeled.features.grad is not None and ctx.unlabeled_student.features.grad is not None
+    # Eq. (19) counts from T_S2's first step, not from epoch 0 nor a hard-coded epoch
+    assert module.logged["brpg/eta_t"] == pytest.approx(0.8)
+    mid = make_ctx(3, 55, 100, seed=11)
+    assert cb.current_eta_t(mid) == pytest.approx(0.8 + 0.15 * 45 / 90)
+
+
+def test_prototypes_cluster_per_class_and_apo_adds_one() -> None:
+    cb, module = make_callback(), StubModule()
+    for step in range(4):
+        cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+    cb.cluster(None, module, 4)
+    counts = cb.proto_mask.sum(1)
+    # n0_h + n0_lw = 4 per class, and with C=4, alpha_t=5% the percentile rule picks exactly one class per bank
+    assert int(counts.sum()) == C * 4 + 2
+    # every prototype of class c lies near class c's feature centre (features were planted per class)
+    centres = torch.eye(C, D) * 5.0
+    for c in range(C):
+        protos = cb.prototypes[c][cb.proto_mask[c]]
+        assert (protos - centres[c]).norm(dim=1).max() < 1.5
+
+
+def test_bad_values_raise_one_line_errors() -> None:
+    with pytest.raises(BRPGInputError, match="feature_source"):
+        BRPGCallback(feature_source="aspp")
+    with pytest.raises(BRPGInputError, match="T_S1"):
+        BRPGCallback(T_S1=2, T_S2=2)
+
+
+@pytest.mark.parametrize("stage_steps", [2, 4])  # 2: saved while sampling (banks); 4: after clustering
+def test_state_round_trip_with_weights_only(stage_steps: int) -> None:
+    cb, module = make_callback(), StubModule()
+    for step in range(3):
+        cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+    if stage_steps == 4:
+        cb.on_train_step_context(None, module, make_ctx(2, 3, 100, seed=3))
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    restored = make_callback()
+    restored.load_state_dict(state)
+    for name in ("prototypes", "proto_mask", "thresholds"):
+        a, b = getattr(cb, name), getattr(restored, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+    if stage_steps == 2:
+        for name in ("bank_high", "bank_low"):
+            for key, value in getattr(cb, name).state_dict().items():
+                assert torch.equal(value, getattr(restored, name).state_dict()[key])
+        # the restored run continues identically: same prototypes from the same banks
+        torch.manual_seed(0)  # the prototype step draws random unlabeled points
+        cb.on_train_step_context(None, module, make_ctx(2, 3, 100, seed=3))
+        torch.manual_seed(0)
+        restored.on_train_step_context(None, module, make_ctx(2, 3, 100, seed=3))
+        assert torch.equal(cb.prototypes, restored.prototypes)
+    assert restored.start_step == cb.start_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # ranks draw different random caps/points, as in real DDP
+        cb, module = make_callback(), StubModule()
+        for step in range(3):  # each rank sees its own data
+            cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=10 * step + rank))
+        out = {"bank_high": cb.bank_high.state_dict(), "bank_low": cb.bank_low.state_dict()}
+        out["bank_high"] = {k: v.clone() for k, v in out["bank_high"].items()}
+        out["bank_low"] = {k: v.clone() for k, v in out["bank_low"].items()}
+        cb.on_train_step_context(None, module, make_ctx(2, 3, 100, seed=50 + rank))
+        out["after_cluster_and_update"] = cb.prototypes.clone()
+        for step in range(4, 6):
+            cb.on_train_step_context(None, module, make_ctx(2, step, 100, seed=60 + 7 * step + rank))
+        out["after_updates"] = cb.prototypes.clone()
+        out["mask"] = cb.proto_mask.clone()
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_two_rank_gloo_banks_and_prototypes_identical() -> None:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    for bank in ("bank_high", "bank_low"):
+        for key in r0[bank]:
+            assert torch.equal(r0[bank][key], r1[bank][key]), (bank, key)
+    # both ranks' features arrived: the banks hold more than one rank has pixels in 3 steps (4 images of 4x4)
+    assert int(r0["bank_high"]["count"].sum()) > 3 * 4 * (H // S) * (W // S)
+    for key in ("after_cluster_and_update", "after_updates", "mask"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert not torch.equal(r0["after_cluster_and_update"], r0["after_updates"])  # updates moved them
