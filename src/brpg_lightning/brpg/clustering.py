@@ -209,88 +209,29 @@ def _assign(
     return labels, dmin, sums, counts
 
 
-def kmeans(
-    x: Tensor,
-    valid: Tensor,
-    k: Tensor,
-    *,
-    k_max: int | None = None,
-    iters: int = 50,
-    tol: float = 1e-4,
-    seed: int = 0,
-    n_init: int = 3,
-    chunk_elems: int | None = None,
-) -> KMeansResult:
-    """K-Means of ``G`` groups at once (CPG's ``Cluster(Memory_{alpha,c}, N_{alpha,c})``, Eq. 10).
-
-    Seeding: greedy k-means++ with a ``torch.Generator`` seeded by ``seed`` on the CPU (identical
-    centres on every call, device and rank for identical input). Then Lloyd: assign each valid point to
-    its nearest centre (``||x||^2 - 2 x c^T + ||c||^2``, clamped >= 0), move each centre to the mean of
-    its points (sum over the ``n_{g,k}`` assigned points divided by ``n_{g,k}``), until a run's squared
-    centre shift summed over its centres is ``<= tol * mean_d Var(x_d)`` (scikit-learn's relative
-    tolerance; that run then stops, as if clustered alone) or ``iters`` iterations. A centre left
-    without points is moved to the valid point farthest from its centre (the 2nd farthest for a 2nd
-    empty centre, ...), never NaN. ``n_init`` runs per group share every pass over the data (the
-    passes are memory-bound, so extra runs cost little) and the run of lowest inertia is returned, as
-    scikit-learn's ``n_init``. Labels and inertia come from a final assignment to the returned centres.
-
-    Args:
-        x: points ``(G, N, D)``, any float dtype (read in float32 by chunks of ``N``).
-        valid: ``(G, N)`` bool, the points of each group (e.g. the filled bank slots).
-        k: ``(G,)`` long, centres per group (may differ; 0 gives no centre).
-        k_max: width of the padded result (default ``max(k)``; must be ``>= max(k)``).
-        iters: maximum Lloyd iterations. tol: relative tolerance. seed: k-means++ seed.
-        n_init: independent seedings per group (the best one is kept).
-        chunk_elems: float32 elements of ``x`` converted at once (default :data:`CHUNK_ELEMS`).
-
-    Returns:
-        :class:`KMeansResult`. A group with fewer distinct valid points than ``k`` gets exactly its
-        distinct points as centres (the rest masked, ``deficient`` True); one without valid points none.
-
-    Example:
-        >>> x = torch.tensor([[[0.0], [0.2], [10.0], [10.2]]])
-        >>> res = kmeans(x, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]))
-        >>> sorted(res.centers[0].flatten().tolist()), round(res.inertia.item(), 4)
-        ([0.10000000149011612, 10.100000381469727], 0.04)
-    """
-    if x.ndim != 3 or valid.shape != x.shape[:2] or k.shape != x.shape[:1]:
-        raise ValueError(
-            f"kmeans expects x (G, N, D), valid (G, N), k (G,); got {tuple(x.shape)}, {tuple(valid.shape)}, "
-            f"{tuple(k.shape)}"
-        )
-    if n_init < 1:
-        raise ValueError(f"n_init={n_init}; expected >= 1")
+def _stats(x: Tensor, valid: Tensor, tol: float, budget: int) -> tuple[Tensor, Tensor]:
+    """One pass: squared norms ``xx (G, N)`` (0 on invalid points) and the absolute tolerance ``(G,)``,
+    ``tol * mean_d Var(x_d)`` over the valid points (scikit-learn's ``_tolerance``)."""
     g, n, d = x.shape
-    device = x.device
-    valid = valid.to(device=device, dtype=torch.bool)
-    k = k.to(device=device, dtype=torch.long).clamp_min(0)
-    k_top = int(k.max()) if g > 0 else 0
-    k_max = k_top if k_max is None else int(k_max)
-    if k_max < k_top:
-        raise ValueError(f"k_max={k_max} is smaller than max(k)={k_top}")
-    if g == 0 or n == 0 or k_max == 0:
-        return KMeansResult(
-            centers=torch.zeros(g, k_max, d, device=device),
-            center_mask=torch.zeros(g, k_max, dtype=torch.bool, device=device),
-            inertia=torch.zeros(g, device=device),
-            labels=torch.full((g, n), -1, dtype=torch.long, device=device),
-            n_iter=0,
-            deficient=k > 0,
-        )
-    budget = chunk_elems if chunk_elems is not None else CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"])
-
-    xx = torch.empty(g, n, device=device)
-    total = torch.zeros(g, d, device=device)
+    xx = torch.empty(g, n, device=x.device)
+    total = torch.zeros(g, d, device=x.device)
     for s, e, xc in _Chunks(x, valid, budget):
         xx[:, s:e] = torch.einsum("gnd,gnd->gn", xc, xc)
         total += xc.sum(1)
     n_valid = valid.sum(1).clamp_min(1).float()
     mean_var = ((xx.sum(1) / n_valid) - ((total / n_valid.unsqueeze(1)) ** 2).sum(1)).clamp_min(0) / d
-    tol_g = (tol * mean_var).unsqueeze(1)  # (G, 1) scikit-learn's tol * mean(var(X, axis=0))
+    return xx, tol * mean_var
 
-    generator = torch.Generator().manual_seed(int(seed))
-    centers, cmask = _kmeans_pp(x, valid, xx, k, k_max, n_init, generator, budget)  # (G, R, K, D), (G, R, K)
 
+def _lloyd(
+    x: Tensor, valid: Tensor, xx: Tensor, centers: Tensor, cmask: Tensor, tol_g: Tensor, iters: int, budget: int
+) -> tuple[Tensor, int]:
+    """Lloyd iterations of ``R`` runs per group from ``centers (G, R, K, D)`` (masked by ``cmask``);
+    a run stops once its squared centre shift summed over centres is ``<= tol_g`` (per group).
+    Returns the new centres and the number of iterations run."""
+    g, _, k_max, _ = centers.shape
+    n = x.shape[1]
+    centers = centers.clone()
     active = cmask.any(2)  # (G, R) runs still moving
     n_iter = 0
     for _ in range(iters):
@@ -314,16 +255,133 @@ def kmeans(
         shift = ((new - old) ** 2).sum(3).sum(2)  # (G', R)
         moving = active[ids]
         centers[ids] = torch.where(moving.view(*moving.shape, 1, 1), new, old)
-        active[ids] = moving & (shift > tol_g[ids])
+        active[ids] = moving & (shift > tol_g[ids].unsqueeze(1))
         n_iter += 1
+    return centers, n_iter
 
+
+def _best_run(
+    x: Tensor, valid: Tensor, xx: Tensor, centers: Tensor, cmask: Tensor, budget: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Final assignment: for each group the run of lowest inertia (the first on ties).
+    Returns ``centers (G, K, D)``, ``cmask (G, K)``, ``labels (G, N)`` (-1 off valid points) and
+    ``inertia (G,)``."""
+    g = x.shape[0]
+    device = x.device
     everyone = _Groups(x, valid, xx, torch.arange(g, device=device), budget)
     labels, dmin, _, _ = _assign(everyone, centers, cmask, with_sums=False)  # (G, R, N)
     has_center = cmask.any(2)  # (G, R)
     inertia = torch.where(valid.unsqueeze(1) & has_center.unsqueeze(2), dmin, 0.0).sum(2)  # (G, R)
-    best = inertia.argmin(1)  # lowest inertia (the first run on ties)
+    best = inertia.argmin(1)
     rows = torch.arange(g, device=device)
     centers, cmask, labels = centers[rows, best], cmask[rows, best], labels[rows, best]
     labels = labels.masked_fill(~valid | ~cmask.any(1, keepdim=True), -1)
+    return centers, cmask, labels, inertia[rows, best]
+
+
+def kmeans(
+    x: Tensor,
+    valid: Tensor,
+    k: Tensor,
+    *,
+    k_max: int | None = None,
+    iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    n_init: int = 3,
+    init_size: int = 4096,
+    chunk_elems: int | None = None,
+) -> KMeansResult:
+    """K-Means of ``G`` groups at once (CPG's ``Cluster(Memory_{alpha,c}, N_{alpha,c})``, Eq. 10).
+
+    Seeding: greedy k-means++ with a ``torch.Generator`` seeded by ``seed`` on the CPU (identical
+    centres on every call, device and rank for identical input). Then Lloyd: assign each valid point to
+    its nearest centre (``||x||^2 - 2 x c^T + ||c||^2``, clamped >= 0), move each centre to the mean of
+    its points (sum over the ``n_{g,k}`` assigned points divided by ``n_{g,k}``), until a run's squared
+    centre shift summed over its centres is ``<= tol * mean_d Var(x_d)`` (scikit-learn's relative
+    tolerance; that run then stops, as if clustered alone) or ``iters`` iterations. A centre left
+    without points is moved to the valid point farthest from its centre (the 2nd farthest for a 2nd
+    empty centre, ...), never NaN. Labels and inertia come from a final assignment.
+
+    ``n_init`` runs per group (scikit-learn's ``n_init``; the one of lowest inertia is kept) share
+    every pass over the data. When a group holds more than ``init_size`` points (a full bank), the
+    runs are seeded and iterated on a uniform random subset of ``init_size`` valid points per group
+    (as ``MiniBatchKMeans``' ``init_size``), the best one is kept and Lloyd then continues on all
+    points from its centres: most passes touch ``init_size`` rows instead of ``N``. A group whose subset
+    has fewer distinct points than ``k`` is seeded on all its points instead.
+
+    Args:
+        x: points ``(G, N, D)``, any float dtype (read in float32 by chunks of ``N``).
+        valid: ``(G, N)`` bool, the points of each group (e.g. the filled bank slots).
+        k: ``(G,)`` long, centres per group (may differ; 0 gives no centre).
+        k_max: width of the padded result (default ``max(k)``; must be ``>= max(k)``).
+        iters: maximum Lloyd iterations (per stage). tol: relative tolerance. seed: k-means++ seed.
+        n_init: independent seedings per group (the best one is kept).
+        init_size: points per group of the seeding stage (all when ``N <= init_size``).
+        chunk_elems: float32 elements of ``x`` converted at once (default :data:`CHUNK_ELEMS`).
+
+    Returns:
+        :class:`KMeansResult` (``n_iter`` counts the Lloyd iterations of both stages). A group with
+        fewer distinct valid points than ``k`` gets exactly its distinct points as centres (the rest
+        masked, ``deficient`` True); one without valid points none.
+
+    Example:
+        >>> x = torch.tensor([[[0.0], [0.2], [10.0], [10.2]]])
+        >>> res = kmeans(x, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]))
+        >>> sorted(res.centers[0].flatten().tolist()), round(res.inertia.item(), 4)
+        ([0.10000000149011612, 10.100000381469727], 0.04)
+    """
+    if x.ndim != 3 or valid.shape != x.shape[:2] or k.shape != x.shape[:1]:
+        raise ValueError(
+            f"kmeans expects x (G, N, D), valid (G, N), k (G,); got {tuple(x.shape)}, {tuple(valid.shape)}, "
+            f"{tuple(k.shape)}"
+        )
+    if n_init < 1 or init_size < 1:
+        raise ValueError(f"n_init={n_init}, init_size={init_size}; expected >= 1")
+    g, n, d = x.shape
+    device = x.device
+    valid = valid.to(device=device, dtype=torch.bool)
+    k = k.to(device=device, dtype=torch.long).clamp_min(0)
+    k_top = int(k.max()) if g > 0 else 0
+    k_max = k_top if k_max is None else int(k_max)
+    if k_max < k_top:
+        raise ValueError(f"k_max={k_max} is smaller than max(k)={k_top}")
+    if g == 0 or n == 0 or k_max == 0:
+        return KMeansResult(
+            centers=torch.zeros(g, k_max, d, device=device),
+            center_mask=torch.zeros(g, k_max, dtype=torch.bool, device=device),
+            inertia=torch.zeros(g, device=device),
+            labels=torch.full((g, n), -1, dtype=torch.long, device=device),
+            n_iter=0,
+            deficient=k > 0,
+        )
+    budget = chunk_elems if chunk_elems is not None else CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"])
+    generator = torch.Generator().manual_seed(int(seed))
+    xx, tol_g = _stats(x, valid, tol, budget)
+
+    if n <= init_size:  # one stage: every run on all points
+        centers, cmask = _kmeans_pp(x, valid, xx, k, k_max, n_init, generator, budget)
+        centers, n_iter = _lloyd(x, valid, xx, centers, cmask, tol_g, iters, budget)
+    else:
+        # stage 1: runs on a uniform random subset of init_size valid points per group
+        keys = torch.rand(g, n, generator=generator).to(device).masked_fill(~valid, -1.0)
+        top, idx = keys.topk(init_size, dim=1)
+        sub_valid = top >= 0
+        sub_x = x.gather(1, idx.unsqueeze(2).expand(-1, -1, d))
+        sub_xx, sub_tol = _stats(sub_x, sub_valid, tol, budget)
+        sub_centers, sub_cmask = _kmeans_pp(sub_x, sub_valid, sub_xx, k, k_max, n_init, generator, budget)
+        sub_centers, n_sub = _lloyd(sub_x, sub_valid, sub_xx, sub_centers, sub_cmask, sub_tol, iters, budget)
+        start, start_mask, _, _ = _best_run(sub_x, sub_valid, sub_xx, sub_centers, sub_cmask, budget)
+        # a subset may miss distinct points that the group has: seed those groups on all points
+        short = ((start_mask.sum(1) < k) & (valid.sum(1) > sub_valid.sum(1))).nonzero().squeeze(1)
+        if short.numel() > 0:
+            full_c, full_m = _kmeans_pp(
+                x[short], valid[short], xx[short], k[short], k_max, 1, torch.Generator().manual_seed(int(seed)), budget
+            )
+            start[short], start_mask[short] = full_c[:, 0], full_m[:, 0]
+        # stage 2: the best run continues on all points
+        centers, n_full = _lloyd(x, valid, xx, start.unsqueeze(1), start_mask.unsqueeze(1), tol_g, iters, budget)
+        cmask, n_iter = start_mask.unsqueeze(1), n_sub + n_full
+    centers, cmask, labels, inertia = _best_run(x, valid, xx, centers, cmask, budget)
     deficient = cmask.sum(1) < k
-    return KMeansResult(centers, cmask, inertia[rows, best], labels, n_iter, deficient)
+    return KMeansResult(centers, cmask, inertia, labels, n_iter, deficient)
