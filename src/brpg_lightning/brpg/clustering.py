@@ -76,20 +76,28 @@ class _Chunks:
 
 
 class _Groups:
-    """The groups ``ids`` of the data: ``x (G', N, D)`` in storage dtype, ``valid``, ``xx`` and chunks.
+    """The groups ``ids`` of the data: ``x (G', N, D)`` in storage dtype, ``valid``, squared norms ``xx``
+    (or None: computed per chunk while it is in cache) and chunks.
 
     Few groups are copied out (``index_select``); more than half are read in place (all ``G`` groups,
     the caller ignoring the others), which is cheaper than copying most of ``x``."""
 
-    def __init__(self, x: Tensor, valid: Tensor, xx: Tensor, ids: Tensor, budget: int) -> None:
+    def __init__(self, x: Tensor, valid: Tensor, xx: Tensor | None, ids: Tensor, budget: int) -> None:
         g = x.shape[0]
         if ids.numel() > g // 2:
             ids = torch.arange(g, device=x.device)
             self.x, self.valid, self.xx = x, valid, xx
         else:
-            self.x, self.valid, self.xx = x.index_select(0, ids), valid.index_select(0, ids), xx.index_select(0, ids)
+            self.x, self.valid = x.index_select(0, ids), valid.index_select(0, ids)
+            self.xx = None if xx is None else xx.index_select(0, ids)
         self.ids = ids
         self.chunks = _Chunks(self.x, self.valid, budget)
+
+    def norms(self, start: int, end: int, xc: Tensor) -> Tensor:
+        """``||x||^2`` of the chunk ``xc = x[:, start:end]`` (float32, 0 on invalid points)."""
+        if self.xx is not None:
+            return self.xx[:, start:end]
+        return torch.einsum("gnd,gnd->gn", xc, xc)
 
 
 def _sq_dist(xc: Tensor, xxc: Tensor, c: Tensor, cc: Tensor) -> Tensor:
@@ -123,13 +131,13 @@ def _rows(x: Tensor, valid: Tensor, idx: Tensor) -> Tensor:
 def _pairwise(grp: _Groups, c: Tensor) -> Tensor:
     """Squared distances ``(G', N, T)`` of every point of the groups to ``c (G', T, D)``."""
     cc = (c * c).sum(2)
-    return torch.cat([_sq_dist(xc, grp.xx[:, s:e], c, cc) for s, e, xc in grp.chunks], dim=1)
+    return torch.cat([_sq_dist(xc, grp.norms(s, e, xc), c, cc) for s, e, xc in grp.chunks], dim=1)
 
 
 def _kmeans_pp(
     x: Tensor,
     valid: Tensor,
-    xx: Tensor,
+    xx: Tensor | None,
     k: Tensor,
     k_max: int,
     n_init: int,
@@ -184,64 +192,96 @@ def _assign(
 
     ``centers (G', R, K, D)``, ``cmask (G', R, K)`` -> labels ``(G', R, N)``, squared distance to the
     nearest centre ``(G', R, N)``, and when ``with_sums`` the per-centre sums ``(G', R, K, D)`` and
-    counts ``(G', R, K)`` over valid points."""
+    counts ``(G', R, K)`` over valid points (``index_add`` on the CPU; a one-hot ``bmm`` elsewhere,
+    which is deterministic on GPUs)."""
     g, r, k_max, d = centers.shape
     n = grp.valid.shape[1]
+    device = centers.device
     flat = centers.reshape(g, r * k_max, d)
     cc = (flat * flat).sum(2)
-    labels = torch.empty(g, r, n, dtype=torch.long, device=centers.device)
-    dmin = torch.empty(g, r, n, dtype=torch.float32, device=centers.device)
-    sums = centers.new_zeros(g, r * k_max, d) if with_sums else None
-    counts = centers.new_zeros(g, r * k_max) if with_sums else None
+    labels = torch.empty(g, r, n, dtype=torch.long, device=device)
+    dmin = torch.empty(g, r, n, dtype=torch.float32, device=device)
+    sums = centers.new_zeros(g * r * k_max, d) if with_sums else None
+    counts = centers.new_zeros(g * r * k_max) if with_sums else None
     off = ~cmask.reshape(g, 1, r * k_max)
-    run_offset = (torch.arange(r, device=centers.device) * k_max).view(1, 1, r)
+    run_offset = (torch.arange(r, device=device) * k_max).view(1, 1, r)
+    group_offset = (torch.arange(g, device=device) * (r * k_max)).view(g, 1, 1)
+    use_index_add = device.type == "cpu"
     for s, e, xc in grp.chunks:
-        d2 = _sq_dist(xc, grp.xx[:, s:e], flat, cc).masked_fill_(off, math.inf)
+        d2 = _sq_dist(xc, grp.norms(s, e, xc), flat, cc).masked_fill_(off, math.inf)
         best_d, best = d2.view(g, e - s, r, k_max).min(3)  # (G', n, R)
         labels[:, :, s:e], dmin[:, :, s:e] = best.transpose(1, 2), best_d.transpose(1, 2)
-        if with_sums:
-            hit = grp.valid[:, s:e, None].float().expand(-1, -1, r)
-            onehot = torch.zeros(g, e - s, r * k_max, device=xc.device).scatter_(2, best + run_offset, hit)
-            sums.baddbmm_(onehot.transpose(1, 2), xc)
-            counts += onehot.sum(1)
+        if not with_sums:
+            continue
+        hit = grp.valid[:, s:e].float()  # invalid rows of xc are zero: only their count must be skipped
+        if use_index_add:
+            slot = best + run_offset + group_offset  # (G', n, R) rows of sums
+            rows = xc.reshape(-1, d)
+            for run in range(r):
+                sums.index_add_(0, slot[:, :, run].reshape(-1), rows)
+                counts.index_add_(0, slot[:, :, run].reshape(-1), hit.reshape(-1))
+        else:
+            onehot = torch.zeros(g, e - s, r * k_max, device=device)
+            onehot.scatter_(2, best + run_offset, hit.unsqueeze(2).expand(-1, -1, r))
+            sums.view(g, r * k_max, d).baddbmm_(onehot.transpose(1, 2), xc)
+            counts.view(g, r * k_max).add_(onehot.sum(1))
     if with_sums:
         sums, counts = sums.view(g, r, k_max, d), counts.view(g, r, k_max)
     return labels, dmin, sums, counts
 
 
-def _stats(x: Tensor, valid: Tensor, tol: float, budget: int) -> tuple[Tensor, Tensor]:
-    """One pass: squared norms ``xx (G, N)`` (0 on invalid points) and the absolute tolerance ``(G,)``,
-    ``tol * mean_d Var(x_d)`` over the valid points (scikit-learn's ``_tolerance``)."""
+def _norms(x: Tensor, valid: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """One pass: squared norms ``xx (G, N)`` (0 on invalid points) and per-group sums ``(G, D)``."""
     g, n, d = x.shape
     xx = torch.empty(g, n, device=x.device)
     total = torch.zeros(g, d, device=x.device)
     for s, e, xc in _Chunks(x, valid, budget):
-        xx[:, s:e] = torch.einsum("gnd,gnd->gn", xc, xc)
+        xx[:, s:e] = torch.linalg.vector_norm(xc, dim=2).square()
         total += xc.sum(1)
+    return xx, total
+
+
+def _tolerance(xx: Tensor, total: Tensor, valid: Tensor, tol: float) -> Tensor:
+    """``tol * mean_d Var(x_d)`` over each group's valid points, ``(G,)`` (scikit-learn's ``_tolerance``)."""
     n_valid = valid.sum(1).clamp_min(1).float()
-    mean_var = ((xx.sum(1) / n_valid) - ((total / n_valid.unsqueeze(1)) ** 2).sum(1)).clamp_min(0) / d
-    return xx, tol * mean_var
+    mean_var = ((xx.sum(1) / n_valid) - ((total / n_valid.unsqueeze(1)) ** 2).sum(1)).clamp_min(0)
+    return tol * mean_var / total.shape[1]
 
 
 def _lloyd(
     x: Tensor, valid: Tensor, xx: Tensor, centers: Tensor, cmask: Tensor, tol_g: Tensor, iters: int, budget: int
-) -> tuple[Tensor, int]:
-    """Lloyd iterations of ``R`` runs per group from ``centers (G, R, K, D)`` (masked by ``cmask``);
-    a run stops once its squared centre shift summed over centres is ``<= tol_g`` (per group).
-    Returns the new centres and the number of iterations run."""
-    g, _, k_max, _ = centers.shape
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Lloyd iterations of ``R`` runs per group from ``centers (G, R, K, D)`` (masked by ``cmask``).
+
+    Each iteration assigns the points (E-step) and computes the means (M-step). A run whose squared
+    centre shift summed over centres is ``<= tol_g`` (per group) has converged: it keeps the centres
+    of that last assignment (within ``tol`` of their means), so that centres, labels and distances
+    agree without a further pass; after ``iters`` updates a last assignment is made.
+
+    Returns:
+        ``centers (G, R, K, D)``, ``labels (G, R, N)``, squared distances to them ``(G, R, N)`` and
+        the number of centre updates of the longest run.
+    """
+    g, r, k_max, _ = centers.shape
     n = x.shape[1]
     centers = centers.clone()
-    active = cmask.any(2)  # (G, R) runs still moving
+    labels = torch.zeros(g, r, n, dtype=torch.long, device=x.device)
+    dist = torch.zeros(g, r, n, device=x.device)
+    active = cmask.any(2)  # (G, R) runs not yet converged
     n_iter = 0
-    for _ in range(iters):
+    for it in range(iters + 1):
         ids = active.any(1).nonzero().squeeze(1)
         if ids.numel() == 0:
             break
         grp = _Groups(x, valid, xx, ids, budget)
         ids = grp.ids
-        old, m = centers[ids], cmask[ids]
-        _, dmin, sums, counts = _assign(grp, old, m, with_sums=True)
+        old, m, moving = centers[ids], cmask[ids], active[ids]
+        lab, dmin, sums, counts = _assign(grp, old, m, with_sums=it < iters)
+        keep = moving.unsqueeze(2)
+        labels[ids] = torch.where(keep, lab, labels[ids])
+        dist[ids] = torch.where(keep, dmin, dist[ids])
+        if it == iters:
+            break
         new = torch.where((counts > 0).unsqueeze(3), sums / counts.clamp_min(1).unsqueeze(3), old)
         empty = m & (counts == 0)
         if bool(empty.any()):
@@ -253,27 +293,23 @@ def _lloyd(
             new = torch.where(empty.unsqueeze(3), repl, new)
         new = new.masked_fill(~m.unsqueeze(3), 0.0)
         shift = ((new - old) ** 2).sum(3).sum(2)  # (G', R)
-        moving = active[ids]
-        centers[ids] = torch.where(moving.view(*moving.shape, 1, 1), new, old)
-        active[ids] = moving & (shift > tol_g[ids].unsqueeze(1))
-        n_iter += 1
-    return centers, n_iter
+        update = moving & (shift > tol_g[ids].unsqueeze(1))
+        centers[ids] = torch.where(update.view(*update.shape, 1, 1), new, old)
+        active[ids] = update
+        n_iter += int(bool(update.any()))
+    return centers, labels, dist, n_iter
 
 
 def _best_run(
-    x: Tensor, valid: Tensor, xx: Tensor, centers: Tensor, cmask: Tensor, budget: int
+    valid: Tensor, centers: Tensor, cmask: Tensor, labels: Tensor, dist: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Final assignment: for each group the run of lowest inertia (the first on ties).
-    Returns ``centers (G, K, D)``, ``cmask (G, K)``, ``labels (G, N)`` (-1 off valid points) and
-    ``inertia (G,)``."""
-    g = x.shape[0]
-    device = x.device
-    everyone = _Groups(x, valid, xx, torch.arange(g, device=device), budget)
-    labels, dmin, _, _ = _assign(everyone, centers, cmask, with_sums=False)  # (G, R, N)
+    """For each group the run of lowest inertia (the first on ties): ``centers (G, K, D)``,
+    ``cmask (G, K)``, ``labels (G, N)`` (-1 off valid points) and ``inertia (G,)``."""
+    g = centers.shape[0]
     has_center = cmask.any(2)  # (G, R)
-    inertia = torch.where(valid.unsqueeze(1) & has_center.unsqueeze(2), dmin, 0.0).sum(2)  # (G, R)
+    inertia = torch.where(valid.unsqueeze(1) & has_center.unsqueeze(2), dist, 0.0).sum(2)  # (G, R)
     best = inertia.argmin(1)
-    rows = torch.arange(g, device=device)
+    rows = torch.arange(g, device=centers.device)
     centers, cmask, labels = centers[rows, best], cmask[rows, best], labels[rows, best]
     labels = labels.masked_fill(~valid | ~cmask.any(1, keepdim=True), -1)
     return centers, cmask, labels, inertia[rows, best]
@@ -357,31 +393,33 @@ def kmeans(
         )
     budget = chunk_elems if chunk_elems is not None else CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"])
     generator = torch.Generator().manual_seed(int(seed))
-    xx, tol_g = _stats(x, valid, tol, budget)
-
     if n <= init_size:  # one stage: every run on all points
+        xx, total = _norms(x, valid, budget)
+        tol_g = _tolerance(xx, total, valid, tol)
         centers, cmask = _kmeans_pp(x, valid, xx, k, k_max, n_init, generator, budget)
-        centers, n_iter = _lloyd(x, valid, xx, centers, cmask, tol_g, iters, budget)
+        centers, labels, dist, n_iter = _lloyd(x, valid, xx, centers, cmask, tol_g, iters, budget)
     else:
         # stage 1: runs on a uniform random subset of init_size valid points per group
         keys = torch.rand(g, n, generator=generator).to(device).masked_fill(~valid, -1.0)
         top, idx = keys.topk(init_size, dim=1)
         sub_valid = top >= 0
         sub_x = x.gather(1, idx.unsqueeze(2).expand(-1, -1, d))
-        sub_xx, sub_tol = _stats(sub_x, sub_valid, tol, budget)
-        sub_centers, sub_cmask = _kmeans_pp(sub_x, sub_valid, sub_xx, k, k_max, n_init, generator, budget)
-        sub_centers, n_sub = _lloyd(sub_x, sub_valid, sub_xx, sub_centers, sub_cmask, sub_tol, iters, budget)
-        start, start_mask, _, _ = _best_run(sub_x, sub_valid, sub_xx, sub_centers, sub_cmask, budget)
+        sub_xx, sub_total = _norms(sub_x, sub_valid, budget)
+        tol_g = _tolerance(sub_xx, sub_total, sub_valid, tol)  # the subset's variance sets the tolerance
+        sub_c, sub_m = _kmeans_pp(sub_x, sub_valid, sub_xx, k, k_max, n_init, generator, budget)
+        sub_c, sub_labels, sub_dist, n_sub = _lloyd(sub_x, sub_valid, sub_xx, sub_c, sub_m, tol_g, iters, budget)
+        start, start_mask, _, _ = _best_run(sub_valid, sub_c, sub_m, sub_labels, sub_dist)
+        # stage 2: the best run continues on all points
+        xx, _ = _norms(x, valid, budget)
         # a subset may miss distinct points that the group has: seed those groups on all points
         short = ((start_mask.sum(1) < k) & (valid.sum(1) > sub_valid.sum(1))).nonzero().squeeze(1)
         if short.numel() > 0:
-            full_c, full_m = _kmeans_pp(
-                x[short], valid[short], xx[short], k[short], k_max, 1, torch.Generator().manual_seed(int(seed)), budget
-            )
+            again = torch.Generator().manual_seed(int(seed))
+            full_c, full_m = _kmeans_pp(x[short], valid[short], xx[short], k[short], k_max, 1, again, budget)
             start[short], start_mask[short] = full_c[:, 0], full_m[:, 0]
-        # stage 2: the best run continues on all points
-        centers, n_full = _lloyd(x, valid, xx, start.unsqueeze(1), start_mask.unsqueeze(1), tol_g, iters, budget)
-        cmask, n_iter = start_mask.unsqueeze(1), n_sub + n_full
-    centers, cmask, labels, inertia = _best_run(x, valid, xx, centers, cmask, budget)
+        cmask = start_mask.unsqueeze(1)
+        centers, labels, dist, n_full = _lloyd(x, valid, xx, start.unsqueeze(1), cmask, tol_g, iters, budget)
+        n_iter = n_sub + n_full
+    centers, cmask, labels, inertia = _best_run(valid, centers, cmask, labels, dist)
     deficient = cmask.sum(1) < k
     return KMeansResult(centers, cmask, inertia, labels, n_iter, deficient)
