@@ -91,7 +91,7 @@ def run(quick: bool) -> list[str]:
         "+ BRPG prototype stage": make_callback("prototype", module, batch),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, cb in variants.items():  # warm-up
+    for cb in variants.values():  # warm-up
         step(module, opt, batch, cb)
     for _ in range(reps):
         for name, cb in variants.items():

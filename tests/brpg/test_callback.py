@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from brpg_lightning.brpg.callback import BRPGCallback
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.models.output import SegmentorOutput
+from tests.brpg.test_distributed import _free_port
 
 C, D, H, W, S = 4, 8, 16, 16, 4  # classes, feature dim, crop, stride
 
@@ -142,12 +142,6 @@ def test_state_round_trip_with_weights_only(stage_steps: int) -> None:
         restored.on_train_step_context(None, module, make_ctx(2, 3, 100, seed=3))
         assert torch.equal(cb.prototypes, restored.prototypes)
     assert restored.start_step == cb.start_step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, results: dict) -> None:
