@@ -23,7 +23,9 @@ RESULTS = Path("bench_results")
 def discover() -> list[str]:
     """Names of the benchmark modules without the ``bench_`` prefix, sorted."""
     return sorted(
-        m.name.removeprefix("bench_") for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")
+        m.name.removeprefix("bench_")
+        for m in pkgutil.iter_modules(benchmarks.__path__)
+        if m.name.startswith("bench_")
     )
 
 
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     names = discover()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds, for smoke tests)")
-    parser.add_argument("--only", action="append", metavar="NAME", help=f"run only these (of {', '.join(names)})")
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help=f"run only these (of {', '.join(names)})"
+    )
     args = parser.parse_args(argv)
     selected = names
     if args.only:

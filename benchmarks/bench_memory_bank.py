@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import fmt_bytes, fmt_times, ratio_line, rss_bytes, time_median
+from benchmarks.common import fmt_bytes, fmt_times, ratio_line, rss_bytes, time_interleaved
 from brpg_lightning.brpg.memory_bank import MemoryBank
 
 
@@ -65,14 +65,22 @@ def run(quick: bool) -> list[str]:
     ]
 
     loop_bank = MemoryBank(classes, capacity, dim, dtype=torch.float16)
-    t_vec, times_vec = time_median(lambda: bank.push(pool, labels[1]), repeat=5)
-    t_loop, times_loop = time_median(lambda: push_per_class_loop(loop_bank, pool, labels[1]), repeat=5)
+    timed = time_interleaved(
+        {
+            "vec": lambda: bank.push(pool, labels[1]),
+            "loop": lambda: push_per_class_loop(loop_bank, pool, labels[1]),
+        },
+        repeat=5,
+    )
+    (t_vec, times_vec), (t_loop, times_loop) = timed["vec"], timed["loop"]
     check_a, check_b = MemoryBank(classes, 50, 4), MemoryBank(classes, 50, 4)
     small = torch.randn(300, 4, generator=gen)
     small_labels = torch.randint(0, classes, (300,), generator=gen)
     check_a.push(small, small_labels)
     push_per_class_loop(check_b, small, small_labels)
-    assert all(torch.equal(check_a.get(c), check_b.get(c)) for c in range(classes)), "loop reference disagrees"
+    assert all(torch.equal(check_a.get(c), check_b.get(c)) for c in range(classes)), (
+        "loop reference disagrees"
+    )
     lines += [
         f"push time: vectorised {t_vec * 1e3:.1f} ms {fmt_times(times_vec)} | per-class loop "
         f"{t_loop * 1e3:.1f} ms {fmt_times(times_loop)}",

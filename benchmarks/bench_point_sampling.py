@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import fmt_bytes, fmt_times, ratio_line, time_median
+from benchmarks.common import fmt_bytes, fmt_times, ratio_line, time_interleaved
 from brpg_lightning.brpg.sampling import grid_points, random_points, sample_points
 from brpg_lightning.models.output import resize_to_input
 
@@ -93,10 +93,12 @@ def run(quick: bool) -> list[str]:
 
         return go
 
-    t_ours_f, times_ours_f = time_median(fwd(ours), repeat)
-    t_off_f, times_off_f = time_median(fwd(official), repeat)
-    t_ours_b, times_ours_b = time_median(fwd_bwd(ours), repeat)
-    t_off_b, times_off_b = time_median(fwd_bwd(official), repeat)
+    timed = time_interleaved(
+        {"ours_f": fwd(ours), "off_f": fwd(official), "ours_b": fwd_bwd(ours), "off_b": fwd_bwd(official)},
+        repeat=repeat,
+    )
+    (t_ours_f, times_ours_f), (t_off_f, times_off_f) = timed["ours_f"], timed["off_f"]
+    (t_ours_b, times_ours_b), (t_off_b, times_off_b) = timed["ours_b"], timed["off_b"]
 
     h = fmap.shape[-1]
     m = coords.shape[1]

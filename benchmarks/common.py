@@ -26,6 +26,21 @@ def time_median(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> tupl
     return statistics.median(times), times
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeat: int = 3, warmup: int = 1
+) -> dict[str, tuple[float, list[float]]]:
+    """Like :func:`time_median` for several functions, run in turn within each repetition so that
+    a slow spell of a shared machine hits all of them alike. Returns ``{name: (median, times)}``."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
@@ -57,4 +72,6 @@ def ratio_line(name: str, value: float, target: str, met: bool) -> str:
 
 def environment() -> str:
     """One line: torch version, threads, device."""
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, {os.cpu_count()} cores visible"
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, {os.cpu_count()} cores visible"
+    )

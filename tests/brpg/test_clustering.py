@@ -122,7 +122,12 @@ def test_deficient_groups_get_their_distinct_points() -> None:
     # group 3: no valid point at all
     res = kmeans(x, valid, torch.tensor([3, 3, 2, 2]))
     assert res.deficient.tolist() == [True, True, False, True]
-    assert res.center_mask.tolist() == [[True, True, False], [True, True, False], [True, True, False], [False] * 3]
+    assert res.center_mask.tolist() == [
+        [True, True, False],
+        [True, True, False],
+        [True, True, False],
+        [False] * 3,
+    ]
     got0 = sorted(map(tuple, res.centers[0][res.center_mask[0]].tolist()))
     got1 = sorted(map(tuple, res.centers[1][res.center_mask[1]].tolist()))
     assert got0 == [(1.0, 1.0), (5.0, 5.0)] and got1 == [(2.0, 0.0), (7.0, 1.0)]
@@ -169,6 +174,55 @@ def test_all_groups_in_one_call_equal_groups_alone_after_seeding() -> None:
             lab = torch.cdist(x[i], c).argmin(1)
             c = torch.stack([x[i][lab == j].mean(0) for j in range(ki)])
         got = batched.centers[i, :ki]
-        assert min(
-            float((got[list(p)] - c).abs().max()) for p in itertools.permutations(range(ki))
-        ) < 1e-4
+        assert min(float((got[list(p)] - c).abs().max()) for p in itertools.permutations(range(ki))) < 1e-4
+
+
+def test_two_stage_path_for_full_banks() -> None:
+    """Groups larger than ``init_size`` are seeded on a subset, then refined on all points."""
+    rng = np.random.default_rng(5)
+    data = [_blobs(rng, 600, 16, 3, 4.0)[0] for _ in range(3)]
+    x = torch.from_numpy(np.stack(data))
+    valid, k = torch.ones(3, 600, dtype=torch.bool), torch.tensor([3, 3, 3])
+    two = kmeans(x, valid, k, init_size=64)
+    one = kmeans(x, valid, k, init_size=600)
+    for i, a in enumerate(data):
+        sk = KMeans(n_clusters=3, n_init=1, random_state=0).fit(a)
+        assert two.inertia[i].item() <= 1.01 * sk.inertia_
+        assert two.inertia[i].item() == pytest.approx(_reference_inertia(a, two.centers[i].numpy()), rel=1e-4)
+    torch.testing.assert_close(two.inertia, one.inertia, rtol=1e-3, atol=0.0)
+
+
+def test_two_stage_finds_distinct_points_the_subset_missed() -> None:
+    x = torch.zeros(2, 500, 2)
+    x[0, 123] = torch.tensor([4.0, 4.0])  # group 0: 499 copies of (0, 0) and one (4, 4)
+    x[1, :3] = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # group 1: 4 distinct points, k = 5
+    res = kmeans(x, torch.ones(2, 500, dtype=torch.bool), torch.tensor([2, 5]), init_size=16)
+    assert res.deficient.tolist() == [False, True]
+    assert sorted(map(tuple, res.centers[0][res.center_mask[0]].tolist())) == [(0.0, 0.0), (4.0, 4.0)]
+    assert res.center_mask[1].sum() == 4 and res.inertia.tolist() == [0.0, 0.0]
+
+
+def test_gpu_style_one_hot_sums_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-hot bmm M-step (used off the CPU) gives the same clustering as index_add."""
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.normal(size=(3, 300, 5)).astype(np.float32))
+    valid = torch.rand(3, 300, generator=torch.Generator().manual_seed(1)) < 0.9
+    k = torch.tensor([2, 3, 4])
+    ref = kmeans(x, valid, k, init_size=100)
+    monkeypatch.setattr(clustering, "INDEX_ADD_DEVICES", frozenset())
+    other = kmeans(x, valid, k, init_size=100)
+    torch.testing.assert_close(other.centers, ref.centers)
+    assert torch.equal(other.labels, ref.labels)
+
+
+def test_partly_filled_banks_give_the_same_result_as_trimmed_ones() -> None:
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.normal(size=(3, 400, 4)).astype(np.float32))
+    valid = torch.zeros(3, 400, dtype=torch.bool)
+    valid[0, :50], valid[1, :120], valid[2, :7] = True, True, True  # ring-buffer prefixes
+    k = torch.tensor([2, 3, 2])
+    res = kmeans(x, valid, k)
+    trimmed = kmeans(x[:, :120], valid[:, :120], k)
+    torch.testing.assert_close(res.centers, trimmed.centers)
+    assert res.labels.shape == (3, 400) and torch.equal(res.labels[:, :120], trimmed.labels)
+    assert (res.labels[:, 120:] == -1).all()

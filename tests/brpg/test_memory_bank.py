@@ -9,7 +9,9 @@ from brpg_lightning.brpg.memory_bank import MemoryBank
 from brpg_lightning.constants import IGNORE_INDEX
 
 
-def _reference_bank(num_classes: int, capacity: int, pushes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list]:
+def _reference_bank(
+    num_classes: int, capacity: int, pushes: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[list]:
     """Per-class lists: append every feature in order, then keep the last ``capacity``."""
     queues: list[list] = [[] for _ in range(num_classes)]
     for feats, labels in pushes:

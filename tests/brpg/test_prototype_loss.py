@@ -33,7 +33,9 @@ def _reference_loss(feats, labels, protos, mask, tau) -> tuple[float, int]:  # n
             continue
         s = {}
         for t in classes:  # Eq. (15)
-            sims = [float(f @ protos[t, j] / (f.norm() * protos[t, j].norm())) for j in range(k) if mask[t, j]]
+            sims = [
+                float(f @ protos[t, j] / (f.norm() * protos[t, j].norm())) for j in range(k) if mask[t, j]
+            ]
             s[t] = max(sims)
         denominator = sum(math.exp(s[t] / tau) for t in classes)  # Eq. (16), classes with prototypes
         total += -math.log(math.exp(s[y] / tau) / denominator)

@@ -21,9 +21,11 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.models.output import resize_to_input
 
 # one image, 1 x 5 pixels, 3 classes; worked by hand below
-PROBS = torch.tensor(
-    [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.2, 0.1, 0.7], [0.05, 0.15, 0.8]]
-).t().reshape(1, 3, 1, 5)
+PROBS = (
+    torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.2, 0.1, 0.7], [0.05, 0.15, 0.8]])
+    .t()
+    .reshape(1, 3, 1, 5)
+)
 LABELS = torch.tensor([[[0, 0, 0, IGNORE_INDEX, 2]]])
 
 
@@ -106,14 +108,20 @@ def _reference_upsampled(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[i
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("height", "width", "stride"), [(321, 321, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)])
-def test_sample_points_equals_upsample_then_index(height: int, width: int, stride: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("height", "width", "stride"), [(321, 321, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)]
+)
+def test_sample_points_equals_upsample_then_index(
+    height: int, width: int, stride: int, dtype: torch.dtype
+) -> None:
     gen = torch.Generator().manual_seed(height + width)
     h, w = math.ceil(height / stride), math.ceil(width / stride)
     fmap = torch.randn(2, 5, h, w, generator=gen, dtype=torch.float64).to(dtype)
     ys = torch.randint(0, height, (2, 300), generator=gen)
     xs = torch.randint(0, width, (2, 300), generator=gen)
-    borders = torch.tensor([[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1], [1, 2], [height - 2, 3]])
+    borders = torch.tensor(
+        [[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1], [1, 2], [height - 2, 3]]
+    )
     coords = torch.cat([torch.stack([ys, xs], -1), borders.expand(2, -1, -1)], dim=1)
     got = sample_points(fmap, coords, stride)
     assert got.shape == (2, coords.shape[1], 5)
@@ -150,3 +158,13 @@ def test_downsample_labels_matches_nearest_interpolate() -> None:
     assert got.dtype == torch.long and torch.equal(got, expected)
     # nearest reads source index floor(i * H / h): check a few by hand
     assert got[0, 5, 7] == labels[0, (5 * 321) // 81, (7 * 321) // 81]
+
+
+def test_sample_points_reads_16_bit_maps_in_float32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 4, 81, 81, generator=gen).bfloat16()
+    coords = torch.randint(0, 321, (1, 100, 2), generator=gen)
+    got = sample_points(fmap, coords, 4)
+    assert got.dtype == torch.float32
+    expected = _reference_upsampled(fmap.double(), coords, (321, 321), 4).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -12,22 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-INDICATORS = ("cosine", "l2")
+from brpg_lightning.brpg.clustering import Float32Chunks
 
-_CHUNK_ELEMS = 2**22
-"""float32 elements of ``x`` converted at once (the banks are stored in 16 bit)."""
+INDICATORS = ("cosine", "l2")
 
 
 def _check(indicator: str) -> None:
     if indicator not in INDICATORS:
         raise ValueError(f"indicator={indicator!r}; expected one of {INDICATORS}")
-
-
-def _spans(x: Tensor) -> list[tuple[int, int]]:
-    """Slices of ``N`` converted to float32 at once."""
-    g, n, d = x.shape
-    rows = max(1, _CHUNK_ELEMS // max(1, g * d))
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
 def dispersion(x: Tensor, valid: Tensor, indicator: str = "cosine") -> Tensor:
@@ -39,7 +31,7 @@ def dispersion(x: Tensor, valid: Tensor, indicator: str = "cosine") -> Tensor:
     - ``"l2"``, Eq. (13): ``D_l2 = (1 / V_g) sum_f ||f - f_bar||_2``; higher = more scattered.
 
     Args:
-        x: features ``(G, N, D)`` (any float dtype; computed in float32 by chunks of ``N``).
+        x: features ``(G, N, D)`` (any float dtype; read in float32 by chunks of ``N``, two passes).
         valid: ``(G, N)`` bool, the features of each group (e.g. the filled bank slots).
         indicator: ``"cosine"`` or ``"l2"``.
 
@@ -57,26 +49,24 @@ def dispersion(x: Tensor, valid: Tensor, indicator: str = "cosine") -> Tensor:
     g, _, d = x.shape
     valid = valid.to(device=x.device, dtype=torch.bool)
     count = valid.sum(1).float()
-    spans = _spans(x)
-
-    def rows(s: int, e: int) -> Tensor:
-        xc = x[:, s:e].float()
-        return torch.where(valid[:, s:e, None], xc, xc.new_zeros(()))
-
+    filled = valid.any(0).nonzero()  # columns past the last valid point (a partly filled bank) are skipped
+    n_used = int(filled.max()) + 1 if filled.numel() > 0 else 0
+    x, valid = x[:, :n_used], valid[:, :n_used]
+    chunks = Float32Chunks(x, valid)  # invalid rows read as 0
     total = torch.zeros(g, d, device=x.device)
-    for s, e in spans:
-        total += rows(s, e).sum(1)
+    for _, _, xc in chunks:
+        total += xc.sum(1)
     mean = total / count.clamp_min(1).unsqueeze(1)  # f_bar (G, D)
     score = torch.zeros(g, device=x.device)
     if indicator == "cosine":
-        unit_mean = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        for s, e in spans:
-            xc = rows(s, e)
-            cos = torch.einsum("gnd,gd->gn", xc, unit_mean) / xc.norm(dim=2).clamp_min(1e-12)
-            score += (cos * valid[:, s:e]).sum(1)
+        unit_mean = (mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)).unsqueeze(1)  # (G, 1, D)
+        for _, _, xc in chunks:
+            dots = torch.linalg.vecdot(xc, unit_mean, dim=2)  # (G, n): <f, f_bar / |f_bar|>
+            cos = dots / torch.linalg.vector_norm(xc, dim=2).clamp_min(1e-12)  # 0 on invalid rows
+            score += cos.sum(1)
     else:
-        for s, e in spans:
-            dist = (rows(s, e) - mean.unsqueeze(1)).norm(dim=2)
+        for s, e, xc in chunks:
+            dist = torch.linalg.vector_norm(xc.sub_(mean.unsqueeze(1)), dim=2)  # the chunk is scratch
             score += (dist * valid[:, s:e]).sum(1)
     return torch.where(count > 0, score / count.clamp_min(1), math.nan)
 

@@ -2,9 +2,10 @@
 
 ``R_c = {Cluster(Memory_h,c, N_h,c), Cluster(Memory_lw,c, N_lw,c)}``: groups are the rows of a padded
 ``(G, N, D)`` tensor (``G`` = banks x classes, ``N`` = bank capacity ``V``) with a validity mask and a
-per-group number of centres (APO may add one, Eq. 12). Greedy k-means++ seeding (as scikit-learn),
-then Lloyd iterations, all vectorised over groups on ``x``'s device and chunked over ``N`` to bound
-the float32 working copy.
+per-group number of centres (APO may add one, Eq. 12). Greedy k-means++ seeding (as scikit-learn) of
+``n_init`` runs on a random subset of each full group, Lloyd iterations there, then Lloyd on all
+points from the best run; everything vectorised over groups on ``x``'s device and read by chunks of
+``N`` into a small float32 buffer (the banks stay in their 16-bit storage).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ _ZERO_REL = 1e-6
 """Squared distances below ``_ZERO_REL * (||x||^2 + ||c||^2)`` are float32 cancellation noise of the
 expansion ``||x||^2 - 2 x.c + ||c||^2`` and count as 0 (a point equal to a centre)."""
 
-CHUNK_ELEMS = {"cpu": 2**22, "cuda": 2**27}
-"""float32 elements of ``x`` converted at once, by device type (16 MiB: cache-sized on the CPU;
+INDEX_ADD_DEVICES = frozenset({"cpu"})
+"""Device types whose M-step sums use ``index_add_`` (fast there); elsewhere a one-hot ``bmm``
+(deterministic, where ``index_add_`` uses atomics)."""
+
+CHUNK_ELEMS = {"cpu": 2**20, "cuda": 2**27}
+"""float32 elements of ``x`` converted at once, by device type (4 MiB: cache-sized on the CPU;
 512 MiB on a GPU, where fewer, larger kernels win); other devices use the CUDA value."""
 
 
@@ -34,7 +39,7 @@ class KMeansResult(NamedTuple):
         inertia: ``(G,)`` float32, sum over valid points of the squared distance to the nearest centre
             (scikit-learn's ``inertia_``); 0 for a group without centres.
         labels: ``(G, N)`` long, nearest centre of each valid point; -1 on invalid points.
-        n_iter: Lloyd iterations run.
+        n_iter: Lloyd centre updates of the longest run (both stages summed).
         deficient: ``(G,)`` bool, groups that got fewer centres than asked (fewer distinct valid points
             than ``k``; all of their distinct points are centres).
     """
@@ -47,22 +52,26 @@ class KMeansResult(NamedTuple):
     deficient: Tensor
 
 
-class _Chunks:
-    """float32 slices ``x[:, s:e]`` of ``x (G, N, D)`` with invalid rows zeroed, converted on every pass
-    into one reused buffer of about ``budget`` elements (no ``(G, N, D)`` float32 copy is made; a
-    cache-sized buffer makes the conversion cheap next to the matmuls that read it). A yielded slice
-    is only valid until the next one."""
+class Float32Chunks:
+    """float32 slices ``x[:, s:e]`` of ``x (G, N, D)`` (any float dtype) with invalid rows zeroed,
+    converted on every pass into one reused buffer of about ``budget`` elements (default
+    :data:`CHUNK_ELEMS` for the device): no ``(G, N, D)`` float32 copy is made, and a cache-sized
+    buffer makes the conversion cheap next to the work that reads it. Iterating yields
+    ``(start, end, chunk)``; a chunk is only valid until the next one.
+    """
 
-    def __init__(self, x: Tensor, valid: Tensor, budget: int) -> None:
+    def __init__(self, x: Tensor, valid: Tensor, budget: int | None = None) -> None:
         self.x, self.valid = x, valid
         g, n, d = x.shape
+        if budget is None:
+            budget = CHUNK_ELEMS.get(x.device.type, CHUNK_ELEMS["cuda"])
         self.n = n
         self.rows = max(1, min(n, budget // max(1, g * d)))
         self.buffer = torch.empty(g, self.rows, d, dtype=torch.float32, device=x.device)
-        starts = torch.arange(0, n, self.rows, device=valid.device)
-        # chunks with an invalid row (masked on every pass); one host sync here, none per pass
-        holes = torch.zeros(starts.numel(), dtype=torch.bool, device=valid.device)
-        holes.index_put_((torch.arange(n, device=valid.device) // self.rows,), (~valid).any(0), accumulate=True)
+        # chunks with an invalid row are masked on every pass; one host sync here, none per pass
+        holes = (~valid).any(0)
+        pad = (-n) % self.rows
+        holes = torch.cat([holes, holes.new_zeros(pad)]).view(-1, self.rows).any(1)
         self.holes = holes.tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int, Tensor]]:
@@ -91,13 +100,13 @@ class _Groups:
             self.x, self.valid = x.index_select(0, ids), valid.index_select(0, ids)
             self.xx = None if xx is None else xx.index_select(0, ids)
         self.ids = ids
-        self.chunks = _Chunks(self.x, self.valid, budget)
+        self.chunks = Float32Chunks(self.x, self.valid, budget)
 
     def norms(self, start: int, end: int, xc: Tensor) -> Tensor:
         """``||x||^2`` of the chunk ``xc = x[:, start:end]`` (float32, 0 on invalid points)."""
         if self.xx is not None:
             return self.xx[:, start:end]
-        return torch.einsum("gnd,gnd->gn", xc, xc)
+        return torch.linalg.vector_norm(xc, dim=2).square()
 
 
 def _sq_dist(xc: Tensor, xxc: Tensor, c: Tensor, cc: Tensor) -> Tensor:
@@ -120,10 +129,17 @@ def _draw(weights: Tensor, num: int, generator: torch.Generator) -> Tensor:
     return torch.where(bad, weights.argmax(1, keepdim=True).expand_as(idx), idx)
 
 
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``x[g, idx[g, t]]`` of ``x (G, N, D)`` -> ``(G, T, D)`` in x's dtype (one ``index_select``
+    on the flattened rows, several times faster than ``gather`` with an expanded index)."""
+    g, n, d = x.shape
+    flat = idx + torch.arange(g, device=idx.device).unsqueeze(1) * n
+    return x.reshape(g * n, d).index_select(0, flat.reshape(-1)).view(g, -1, d)
+
+
 def _rows(x: Tensor, valid: Tensor, idx: Tensor) -> Tensor:
     """Rows ``x[g, idx[g, t]]`` as float32 ``(G, T, D)``, zero where the row is not valid."""
-    d = x.shape[2]
-    rows = x.gather(1, idx.unsqueeze(2).expand(-1, -1, d)).float()
+    rows = _take(x, idx).float()
     ok = valid.gather(1, idx).unsqueeze(2)
     return torch.where(ok, rows, rows.new_zeros(()))
 
@@ -177,7 +193,9 @@ def _kmeans_pp(
         pot = (torch.minimum(near.unsqueeze(2), d_cand) * w).sum(3)  # (G', R, T)
         pick = pot.argmin(2).view(gs, r, 1, 1)
         new_center = cand.view(gs, r, trials, d).gather(2, pick.expand(-1, -1, 1, d)).squeeze(2)
-        new_near = torch.minimum(near, d_cand.gather(2, pick.expand(-1, -1, 1, n)).squeeze(2)) * w.view(gs, 1, n)
+        new_near = torch.minimum(near, d_cand.gather(2, pick.expand(-1, -1, 1, n)).squeeze(2)) * w.view(
+            gs, 1, n
+        )
         on = active[ids]
         centers[ids, :, j] = torch.where(on.unsqueeze(2), new_center, 0.0)
         cmask[ids, :, j] = on
@@ -206,7 +224,7 @@ def _assign(
     off = ~cmask.reshape(g, 1, r * k_max)
     run_offset = (torch.arange(r, device=device) * k_max).view(1, 1, r)
     group_offset = (torch.arange(g, device=device) * (r * k_max)).view(g, 1, 1)
-    use_index_add = device.type == "cpu"
+    use_index_add = device.type in INDEX_ADD_DEVICES
     for s, e, xc in grp.chunks:
         d2 = _sq_dist(xc, grp.norms(s, e, xc), flat, cc).masked_fill_(off, math.inf)
         best_d, best = d2.view(g, e - s, r, k_max).min(3)  # (G', n, R)
@@ -235,7 +253,7 @@ def _norms(x: Tensor, valid: Tensor, budget: int) -> tuple[Tensor, Tensor]:
     g, n, d = x.shape
     xx = torch.empty(g, n, device=x.device)
     total = torch.zeros(g, d, device=x.device)
-    for s, e, xc in _Chunks(x, valid, budget):
+    for s, e, xc in Float32Chunks(x, valid, budget):
         xx[:, s:e] = torch.linalg.vector_norm(xc, dim=2).square()
         total += xc.sum(1)
     return xx, total
@@ -249,7 +267,14 @@ def _tolerance(xx: Tensor, total: Tensor, valid: Tensor, tol: float) -> Tensor:
 
 
 def _lloyd(
-    x: Tensor, valid: Tensor, xx: Tensor, centers: Tensor, cmask: Tensor, tol_g: Tensor, iters: int, budget: int
+    x: Tensor,
+    valid: Tensor,
+    xx: Tensor | None,
+    centers: Tensor,
+    cmask: Tensor,
+    tol_g: Tensor,
+    iters: int,
+    budget: int,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Lloyd iterations of ``R`` runs per group from ``centers (G, R, K, D)`` (masked by ``cmask``).
 
@@ -269,11 +294,13 @@ def _lloyd(
     dist = torch.zeros(g, r, n, device=x.device)
     active = cmask.any(2)  # (G, R) runs not yet converged
     n_iter = 0
+    grp = None
     for it in range(iters + 1):
         ids = active.any(1).nonzero().squeeze(1)
         if ids.numel() == 0:
             break
-        grp = _Groups(x, valid, xx, ids, budget)
+        if grp is None or not (ids.numel() == grp.ids.numel() and bool((ids == grp.ids).all())):
+            grp = _Groups(x, valid, xx, ids, budget)  # copied out again only when the active set changes
         ids = grp.ids
         old, m, moving = centers[ids], cmask[ids], active[ids]
         lab, dmin, sums, counts = _assign(grp, old, m, with_sums=it < iters)
@@ -337,14 +364,16 @@ def kmeans(
     centre shift summed over its centres is ``<= tol * mean_d Var(x_d)`` (scikit-learn's relative
     tolerance; that run then stops, as if clustered alone) or ``iters`` iterations. A centre left
     without points is moved to the valid point farthest from its centre (the 2nd farthest for a 2nd
-    empty centre, ...), never NaN. Labels and inertia come from a final assignment.
+    empty centre, ...), never NaN. A converged run keeps the centres of its last assignment (within
+    ``tol`` of their means), so centres, labels and inertia agree without a further pass.
 
     ``n_init`` runs per group (scikit-learn's ``n_init``; the one of lowest inertia is kept) share
-    every pass over the data. When a group holds more than ``init_size`` points (a full bank), the
-    runs are seeded and iterated on a uniform random subset of ``init_size`` valid points per group
-    (as ``MiniBatchKMeans``' ``init_size``), the best one is kept and Lloyd then continues on all
-    points from its centres: most passes touch ``init_size`` rows instead of ``N``. A group whose subset
-    has fewer distinct points than ``k`` is seeded on all its points instead.
+    every pass over the data. When the groups span more than ``init_size`` slots (full banks; slots
+    past every group's last valid point are dropped first), the runs are seeded and iterated on a
+    uniform random subset of up to ``init_size`` valid points per group (as ``MiniBatchKMeans``'
+    ``init_size``), the best one is kept and Lloyd then continues on all points from its centres: most
+    passes touch ``init_size`` rows instead of ``N``. A group whose subset has fewer distinct points
+    than ``k`` (and more points outside it) is seeded on all its points instead.
 
     Args:
         x: points ``(G, N, D)``, any float dtype (read in float32 by chunks of ``N``).
@@ -357,7 +386,7 @@ def kmeans(
         chunk_elems: float32 elements of ``x`` converted at once (default :data:`CHUNK_ELEMS`).
 
     Returns:
-        :class:`KMeansResult` (``n_iter`` counts the Lloyd iterations of both stages). A group with
+        :class:`KMeansResult` (``n_iter`` counts the centre updates of both stages). A group with
         fewer distinct valid points than ``k`` gets exactly its distinct points as centres (the rest
         masked, ``deficient`` True); one without valid points none.
 
@@ -375,6 +404,7 @@ def kmeans(
     if n_init < 1 or init_size < 1:
         raise ValueError(f"n_init={n_init}, init_size={init_size}; expected >= 1")
     g, n, d = x.shape
+    valid_shape = valid.shape
     device = x.device
     valid = valid.to(device=device, dtype=torch.bool)
     k = k.to(device=device, dtype=torch.long).clamp_min(0)
@@ -382,7 +412,10 @@ def kmeans(
     k_max = k_top if k_max is None else int(k_max)
     if k_max < k_top:
         raise ValueError(f"k_max={k_max} is smaller than max(k)={k_top}")
-    if g == 0 or n == 0 or k_max == 0:
+    # columns past the last valid point of every group (a partly filled bank) are never read
+    filled = valid.any(0).nonzero()
+    n_used = int(filled.max()) + 1 if filled.numel() > 0 else 0
+    if g == 0 or n_used == 0 or k_max == 0:
         return KMeansResult(
             centers=torch.zeros(g, k_max, d, device=device),
             center_mask=torch.zeros(g, k_max, dtype=torch.bool, device=device),
@@ -391,6 +424,7 @@ def kmeans(
             n_iter=0,
             deficient=k > 0,
         )
+    x, valid, n = x[:, :n_used], valid[:, :n_used], n_used
     budget = chunk_elems if chunk_elems is not None else CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"])
     generator = torch.Generator().manual_seed(int(seed))
     if n <= init_size:  # one stage: every run on all points
@@ -403,23 +437,27 @@ def kmeans(
         keys = torch.rand(g, n, generator=generator).to(device).masked_fill(~valid, -1.0)
         top, idx = keys.topk(init_size, dim=1)
         sub_valid = top >= 0
-        sub_x = x.gather(1, idx.unsqueeze(2).expand(-1, -1, d))
+        sub_x = _take(x, idx)
         sub_xx, sub_total = _norms(sub_x, sub_valid, budget)
         tol_g = _tolerance(sub_xx, sub_total, sub_valid, tol)  # the subset's variance sets the tolerance
         sub_c, sub_m = _kmeans_pp(sub_x, sub_valid, sub_xx, k, k_max, n_init, generator, budget)
-        sub_c, sub_labels, sub_dist, n_sub = _lloyd(sub_x, sub_valid, sub_xx, sub_c, sub_m, tol_g, iters, budget)
+        sub_c, sub_labels, sub_dist, n_sub = _lloyd(
+            sub_x, sub_valid, sub_xx, sub_c, sub_m, tol_g, iters, budget
+        )
         start, start_mask, _, _ = _best_run(sub_valid, sub_c, sub_m, sub_labels, sub_dist)
-        # stage 2: the best run continues on all points
-        xx, _ = _norms(x, valid, budget)
+        # stage 2: the best run continues on all points (squared norms computed per chunk, in cache)
+        xx = None
         # a subset may miss distinct points that the group has: seed those groups on all points
         short = ((start_mask.sum(1) < k) & (valid.sum(1) > sub_valid.sum(1))).nonzero().squeeze(1)
         if short.numel() > 0:
             again = torch.Generator().manual_seed(int(seed))
-            full_c, full_m = _kmeans_pp(x[short], valid[short], xx[short], k[short], k_max, 1, again, budget)
+            full_c, full_m = _kmeans_pp(x[short], valid[short], None, k[short], k_max, 1, again, budget)
             start[short], start_mask[short] = full_c[:, 0], full_m[:, 0]
         cmask = start_mask.unsqueeze(1)
         centers, labels, dist, n_full = _lloyd(x, valid, xx, start.unsqueeze(1), cmask, tol_g, iters, budget)
         n_iter = n_sub + n_full
     centers, cmask, labels, inertia = _best_run(valid, centers, cmask, labels, dist)
     deficient = cmask.sum(1) < k
+    if n_used < valid_shape[1]:
+        labels = torch.cat([labels, labels.new_full((g, valid_shape[1] - n_used), -1)], dim=1)
     return KMeansResult(centers, cmask, inertia, labels, n_iter, deficient)

@@ -59,4 +59,3 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     if is_distributed():
         dist.broadcast(t, src=src)
     return t
-

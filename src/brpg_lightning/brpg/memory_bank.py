@@ -42,7 +42,9 @@ class MemoryBank(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 1 or capacity < 1 or dim < 1:
-            raise ValueError(f"MemoryBank needs num_classes, capacity, dim >= 1; got {num_classes}, {capacity}, {dim}")
+            raise ValueError(
+                f"MemoryBank needs num_classes, capacity, dim >= 1; got {num_classes}, {capacity}, {dim}"
+            )
         self.num_classes, self.capacity, self.dim = int(num_classes), int(capacity), int(dim)
         self.register_buffer("feats", torch.zeros(num_classes, capacity, dim, dtype=dtype, device=device))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long, device=device))

@@ -49,9 +49,10 @@ def assignment_stats(
     f, y = feats[used], labels[used]
     if y.numel() > 0:
         with torch.autocast(device_type=feats.device.type, enabled=False):
-            r = F.normalize(prototypes.detach().float(), dim=2)[y]  # (n, K, D) own class only
-            sim = torch.einsum("nkd,nd->nk", r, F.normalize(f, dim=1))
-            best = sim.masked_fill(~mask[y], float("-inf")).argmax(1)  # (n,)
+            r = F.normalize(prototypes.detach().float(), dim=2).view(c * k, d)
+            sim = (F.normalize(f, dim=1) @ r.t()).view(-1, c, k)  # (n, C, K), one small matmul
+            own = sim[torch.arange(y.numel(), device=y.device), y]  # (n, K): prototypes of its own class
+            best = own.masked_fill(~mask[y], float("-inf")).argmax(1)  # (n,)
         slot = y * k + best
         sums.index_add_(0, slot, f)
         counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
