@@ -35,7 +35,7 @@ from PIL import Image
 
 from brpg_lightning.errors import BRPGInputError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the generated pixels change; part of the ``.complete`` marker."""
 
 SYNTHETIC_SPLITS: tuple[str, ...] = ("16", "32", "full")
@@ -46,7 +46,7 @@ _IN_PROGRESS_NAME = ".generating"
 _SUBSET_CODES = {"train": 1, "val": 2}
 
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", "bar")
-TEXTURES: tuple[str, ...] = ("stripes", "checker", "dots", "concentric", "grain", "waves")
+TEXTURES: tuple[str, ...] = ("stripes", "checker", "dots", "grid", "grain", "solid")
 MAX_NUM_CLASSES = 1 + len(SHAPES) * len(TEXTURES)
 
 
@@ -117,50 +117,51 @@ def _rotated(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> tuple[np
 
 def _tex_stripes(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     a, _ = _rotated(rng, u, v)
-    period = rng.uniform(4.0, 9.0)
+    period = rng.uniform(6.0, 10.0)
     return (np.sin(2 * math.pi * a / period + rng.uniform(0, 2 * math.pi)) > 0).astype(np.float32)
 
 
 def _tex_checker(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     a, b = _rotated(rng, u, v)
-    cell = rng.uniform(3.0, 7.0)
+    cell = rng.uniform(4.0, 6.5)
     off = rng.uniform(0.0, 1.0, 2)
     return ((np.floor(a / cell + off[0]) + np.floor(b / cell + off[1])) % 2).astype(np.float32)
 
 
 def _tex_dots(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     a, b = _rotated(rng, u, v)
-    spacing = rng.uniform(6.0, 10.0)
-    radius = spacing * rng.uniform(0.2, 0.32)
+    spacing = rng.uniform(7.0, 10.0)
+    radius = spacing * rng.uniform(0.22, 0.3)
     off = rng.uniform(0.0, 1.0, 2)
     fa = (a / spacing + off[0]) % 1.0 - 0.5
     fb = (b / spacing + off[1]) % 1.0 - 0.5
     return ((fa * fa + fb * fb) * spacing * spacing <= radius * radius).astype(np.float32)
 
 
-def _tex_concentric(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    period = rng.uniform(4.0, 8.0)
-    du, dv = rng.uniform(-3.0, 3.0, 2)
-    d = np.sqrt((u - du) ** 2 + (v - dv) ** 2)
-    return (np.sin(2 * math.pi * d / period + rng.uniform(0, 2 * math.pi)) > 0).astype(np.float32)
+def _tex_grid(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    a, b = _rotated(rng, u, v)
+    period = rng.uniform(6.0, 9.0)
+    half_width = rng.uniform(0.7, 1.1)
+    off = rng.uniform(0.0, 1.0, 2)
+    da = np.abs((a / period + off[0]) % 1.0 - 0.5) * period
+    db = np.abs((b / period + off[1]) % 1.0 - 0.5) * period
+    return ((da <= half_width) | (db <= half_width)).astype(np.float32)
 
 
 def _tex_grain(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     grain = int(rng.integers(1, 3))
     h, w = u.shape
-    noise = rng.random((h // grain + 1, w // grain + 1), dtype=np.float32)
+    noise = (rng.random((h // grain + 1, w // grain + 1)) < 0.5).astype(np.float32)
     return np.repeat(np.repeat(noise, grain, axis=0), grain, axis=1)[:h, :w]
 
 
-def _tex_waves(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    a, b = _rotated(rng, u, v)
-    period, amp, period2 = rng.uniform(6.0, 11.0), rng.uniform(1.5, 3.5), rng.uniform(8.0, 16.0)
-    s = a + amp * np.sin(2 * math.pi * b / period2)
-    return (0.5 + 0.5 * np.sin(2 * math.pi * s / period + rng.uniform(0, 2 * math.pi))).astype(np.float32)
+def _tex_solid(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """No pattern: one flat colour (the untextured class; its identity is its shape)."""
+    return np.zeros(u.shape, dtype=np.float32)
 
 
 _TEXTURE_FNS: tuple[Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray], ...] = (
-    _tex_stripes, _tex_checker, _tex_dots, _tex_concentric, _tex_grain, _tex_waves,
+    _tex_stripes, _tex_checker, _tex_dots, _tex_grid, _tex_grain, _tex_solid,
 )
 
 
@@ -186,16 +187,19 @@ def _shape_mask(rng: np.random.Generator, shape: int, u: np.ndarray, v: np.ndarr
         w = r * rng.uniform(0.28, 0.4)
         return ((np.abs(u) <= r) & (np.abs(v) <= w)) | ((np.abs(v) <= r) & (np.abs(u) <= w))
     if name == "bar":
-        return (np.abs(u) <= 1.15 * r) & (np.abs(v) <= r * rng.uniform(0.28, 0.42))
+        return (np.abs(u) <= 1.15 * r) & (np.abs(v) <= r * rng.uniform(0.38, 0.5))
     raise AssertionError(name)
 
 
-def _random_colour_pair(rng: np.random.Generator, min_dist: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-    """Two RGB colours at least ``min_dist`` apart (first candidate pair that is; 16 tries)."""
-    cand = rng.uniform(0.0, 255.0, (16, 2, 3)).astype(np.float32)
-    dist = np.linalg.norm(cand[:, 0] - cand[:, 1], axis=1)
-    idx = int(np.argmax(dist >= min_dist)) if np.any(dist >= min_dist) else int(np.argmax(dist))
-    return cand[idx, 0], cand[idx, 1]
+def _random_colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A dark and a light RGB colour (channels in ``[0, 110]`` and ``[145, 255]``), in random order.
+
+    Hue and saturation are free, so colour never names a class, but the pattern always has luminance
+    contrast: the texture is visible in every instance.
+    """
+    dark = rng.uniform(0.0, 110.0, 3).astype(np.float32)
+    light = rng.uniform(145.0, 255.0, 3).astype(np.float32)
+    return (dark, light) if rng.random() < 0.5 else (light, dark)
 
 
 def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -236,10 +240,10 @@ def render_synthetic_image(
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
     img = _background(rng, s, yy, xx)
     mask = np.zeros((s, s), dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 6))):  # 2-5 objects; later ones occlude earlier ones
+    for _ in range(int(rng.integers(2, 5))):  # 2-4 objects; later ones occlude earlier ones
         cls = int(rng.integers(1, num_classes))
         shape, texture = class_shape_texture(cls)
-        r = s * rng.uniform(0.1, 0.235)  # 19-45 px across at S = 96
+        r = s * rng.uniform(0.12, 0.25)  # 23-48 px across at S = 96
         cy, cx = rng.uniform(0.1 * s, 0.9 * s, 2)
         theta = rng.uniform(0.0, 2 * math.pi)
         c, si = math.cos(theta), math.sin(theta)
