@@ -1,15 +1,18 @@
 """The embedded synthetic segmentation dataset: procedural, seeded, written as PNGs in the folder layout.
 
 Class 0 is background; each object class ``k >= 1`` is carried by a SHAPE family and a TEXTURE pattern,
-never by a colour: every instance draws its own two colours, scale, rotation, aspect, pattern period and
-phase. The background is random-colour smooth noise blended with a gradient, and half of the images also
-get a faint full-frame texture of a random pattern (a distractor, so texture alone is not enough). Several
-objects (2-5) per image overlap (later ones occlude earlier ones; a ring's hole shows what lies below), and
-Gaussian pixel noise is added last. Intra-class variation is wide, so 16 labeled images do not cover it,
-while the shapes stay learnable at ``image_size=96`` (objects 19-45 px across).
+never by a colour: every instance draws its own dark and light colour (free hue, so colour names no class,
+but the pattern always has luminance contrast), scale, rotation, aspect, pattern period and phase. Each
+texture is locally distinct (binary stripes, checker, dots, thin grid lines, pixel grain, or none at all)
+and the periodic ones repeat every 6 px or more, so no resampling aliases them away. The background is random-colour smooth noise
+blended with a gradient, and 30 % of the images also get a faint full-frame texture of a random pattern (a
+distractor, so texture alone is not enough). Several objects (2-4) per image overlap (later ones occlude
+earlier ones; a ring's hole shows what lies below), and Gaussian pixel noise is added last. Intra-class
+variation is wide, so 16 labeled images do not cover it, while the classes stay learnable from scratch
+at ``image_size=96`` (objects 23-48 px across).
 
 With ``num_classes=7`` (default) the six object classes are
-``disc/stripes, square/checker, triangle/dots, ring/concentric, cross/grain, bar/waves``. More classes
+``disc/stripes, square/checker, triangle/dots, ring/grid, cross/grain, bar/solid``. More classes
 combine the 6 shapes with the 6 textures pairwise (at most ``1 + 36`` classes); fewer use the first ones.
 
 Determinism: image ``i`` of subset ``s`` uses ``numpy.random.default_rng([seed, code(s), i])``, and PNGs are
@@ -205,7 +208,7 @@ def _random_colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
 def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """Float ``(S, S, 3)`` background: a random-colour gradient + smooth colour noise (+ faint texture).
 
-    Its local contrast stays below the objects' (noise amplitude 20-50 vs object colour pairs >= 100 apart),
+    Its local contrast stays below the objects' (noise amplitude 20-50 vs dark/light object colour pairs at least 35 apart per channel),
     so objects are salient while their class still needs shape and texture.
     """
     ang = rng.uniform(0.0, 2 * math.pi)
