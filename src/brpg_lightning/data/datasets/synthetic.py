@@ -4,9 +4,9 @@ Class 0 is background; each object class ``k >= 1`` is carried by a SHAPE family
 never by a colour: every instance draws its own dark and light colour (free hue, so colour names no class,
 but the pattern always has luminance contrast), scale, rotation, aspect, pattern period and phase. Each
 texture is locally distinct (binary stripes, checker, dots, thin grid lines, pixel grain, or none at all)
-and the periodic ones repeat every 6 px or more, so no resampling aliases them away. The background is random-colour smooth noise
-blended with a gradient, and 30 % of the images also get a faint full-frame texture of a random pattern (a
-distractor, so texture alone is not enough). Several objects (2-4) per image overlap (later ones occlude
+and the periodic ones repeat every 6 px or more, so no resampling aliases them away. The background is
+random-colour smooth noise blended with a gradient, and 30 % of the images also get a faint full-frame
+texture of a random pattern (a distractor, so texture alone is not enough). Several objects (2-4) per image overlap (later ones occlude
 earlier ones; a ring's hole shows what lies below), and Gaussian pixel noise is added last. Intra-class
 variation is wide, so 16 labeled images do not cover it, while the classes stay learnable from scratch
 at ``image_size=96`` (objects 23-48 px across).
