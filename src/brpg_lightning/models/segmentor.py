@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.heads import HEAD_KINDS, build_head
 from brpg_lightning.models.output import SegmentorOutput
+from brpg_lightning.models.weights import load_encoder_weights
 
 
 def required_input_multiple(model: nn.Module) -> int:
@@ -69,6 +70,8 @@ class Segmentor(nn.Module):
             (Linear-Dropout-Linear, SegFormer); see :mod:`brpg_lightning.models.heads`.
         head_channels: hidden width of both heads; default: the decoder's channels.
         head_dropout: dropout probability inside both heads.
+        weights_path: a local file of encoder weights (safetensors or a state dict), loaded after the
+            build (:func:`~brpg_lightning.models.weights.load_encoder_weights`; one summary line is logged).
         pad_multiple: inputs are zero-padded bottom/right to a multiple of this; default: the
             least common multiple of what the encoder requires (:func:`required_input_multiple`) and
             the decoder stride.
@@ -91,6 +94,7 @@ class Segmentor(nn.Module):
         head_channels: int | None = None,
         head_dropout: float = 0.1,
         pad_multiple: int | None = None,
+        weights_path: str | None = None,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -112,6 +116,8 @@ class Segmentor(nn.Module):
             **arch_kwargs,
         )
         self.encoder: nn.Module = model.encoder
+        if weights_path is not None:
+            self.weights_summary = load_encoder_weights(self.encoder, weights_path)
         self.decoder: nn.Module = model.decoder
         required = required_input_multiple(model)
         del model  # drops smp's segmentation / classification heads
