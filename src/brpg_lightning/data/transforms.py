@@ -1,57 +1,47 @@
-"""Weak, strong and validation transforms (numpy + PIL for geometry, torchvision v2 for colour).
+"""Weak, strong and validation transforms on albumentations (OpenCV kernels on ``(H, W, 3)`` uint8 arrays).
 
-* Weak (labeled and unlabeled; paper Sec. 4.1.5, following U2PL): random rescale by a factor in
-  ``scale_range`` (image bilinear, mask nearest), horizontal flip with ``flip_p``, random crop to
-  ``crop_size``; a rescaled image smaller than the crop is padded at the bottom/right (image 0, mask 255 =
-  ``IGNORE_INDEX``, ``valid`` False).
-* Strong (unlabeled only; UniMatch): on the weak crop (same geometry): ColorJitter with ``p=0.8``
-  (brightness 0.5, contrast 0.5, saturation 0.5, hue 0.25), RandomGrayscale ``p=0.2``, Gaussian blur
-  ``p=0.5`` with sigma uniform in ``[0.1, 2.0]``. CutMix is a batch operation of the method, not here.
+* Weak (labeled and unlabeled; paper Sec. 4.1.5, following U2PL): ``RandomScale`` by a factor in
+  ``scale_range`` (image bilinear, mask nearest — ``INTER_NEAREST_EXACT``, PIL's pixel-centre rule),
+  ``HorizontalFlip`` with ``flip_p``, ``PadIfNeeded`` at the bottom/right (image 0, mask 255 =
+  ``IGNORE_INDEX``, ``valid`` False) and ``RandomCrop`` to ``crop_size``.
+* Strong (unlabeled only; UniMatch): on the weak crop (same geometry): ``ColorJitter`` with ``p=0.8``
+  (brightness 0.5, contrast 0.5, saturation 0.5, hue 0.25), ``ToGray`` ``p=0.2`` (ITU-R 601 weights), Gaussian
+  blur ``p=0.5`` with sigma uniform in ``[0.1, 2.0]`` (kernel ``2 * int(3.5 sigma) + 1``, reflect-101 border).
+  The strong view is uint8 like the weak one. CutMix is a batch operation of the method, not here.
 * Val: ``"whole"`` (no geometric change) or ``"center_crop"`` to ``val_crop_size`` (padding bottom/right
-  first, image 0 and mask 255, when the image is smaller).
+  first, image 0 and mask 255, when the image is smaller). The sliding-window protocol is whole-image data
+  evaluated window by window in the module (``models.inference.sliding_window_logits``).
 
 Every image is then scaled to ``[0, 1]`` and normalised with the ImageNet mean/std -> float32 ``(3, H, W)``;
 masks become int64 ``(H, W)``. All randomness comes from torch's global RNG (seeded per worker by torch and
-by ``seed_everything(workers=True)``); there are no per-item seeds.
+by ``seed_everything(workers=True)``): every call seeds the albumentations pipeline with a number drawn from
+it, so ``torch.manual_seed`` reproduces an item and workers never share a stream.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from brpg_lightning.errors import BRPGInputError
 
 VAL_MODES: tuple[str, ...] = ("whole", "center_crop")
+_SEED_HIGH = 2**31 - 1
+
+
+def _seeded(pipeline: A.Compose) -> A.Compose:
+    """``pipeline`` reseeded from torch's global RNG (one draw)."""
+    pipeline.set_random_seed(int(torch.randint(0, _SEED_HIGH, ()).item()))
+    return pipeline
 
 
 # --------------------------------------------------------------------------- pure helpers
-def _uniform(low: float, high: float) -> float:
-    return float(low + (high - low) * torch.rand(()).item())
-
-
-def rescale(image: np.ndarray, mask: np.ndarray | None, factor: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize by ``factor`` (sides rounded, at least 1 px): image bilinear, mask nearest.
-
-    >>> img, m = rescale(np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20), np.uint8), 0.5)
-    >>> img.shape, m.shape
-    ((5, 10, 3), (5, 10))
-    """
-    h, w = image.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))  # PIL: (width, height)
-    out = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    out_mask = None if mask is None else np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    return out, out_mask
-
-
 def pad_bottom_right(
     image: np.ndarray, mask: np.ndarray | None, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -119,33 +109,36 @@ class WeakGeometry:
                 f"expected crop_size >= 1, 0 < low <= high, 0 <= flip_p <= 1"
             )
         self.crop_size, self.scale_range, self.flip_p = int(crop_size), (low, high), float(flip_p)
+        s = self.crop_size
+        self.pipeline = A.Compose([
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
+                          mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0),
+            A.HorizontalFlip(p=self.flip_p),
+            A.PadIfNeeded(min_height=s, min_width=s, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                          fill=0, fill_mask=IGNORE_INDEX),
+            A.RandomCrop(height=s, width=s),
+        ])
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """``(image (S, S, 3) uint8, mask (S, S) uint8 or None, valid (S, S) bool)``."""
-        image, mask = rescale(image, mask, _uniform(*self.scale_range))
-        if torch.rand(()).item() < self.flip_p:
-            image = image[:, ::-1]
-            mask = None if mask is None else mask[:, ::-1]
-        s = self.crop_size
-        image, mask, valid = pad_bottom_right(image, mask, s, s)
-        h, w = image.shape[:2]
-        y0 = int(torch.randint(0, h - s + 1, ()).item())
-        x0 = int(torch.randint(0, w - s + 1, ()).item())
-        crop = (slice(y0, y0 + s), slice(x0, x0 + s))
-        return image[crop], (None if mask is None else mask[crop]), valid[crop]
+        ones = np.ones(image.shape[:2], np.uint8)  # padded to 255 -> valid is False there
+        masks = [ones] if mask is None else [mask, ones]
+        out = _seeded(self.pipeline)(image=image, masks=masks)
+        valid = out["masks"][-1] == 1
+        return out["image"], (None if mask is None else out["masks"][0]), valid
 
 
 class StrongColor:
-    """UniMatch's strong colour view on a ``(3, H, W)`` float tensor in ``[0, 1]`` (geometry unchanged).
+    """UniMatch's strong colour view on a ``(H, W, 3)`` uint8 array (geometry unchanged).
 
     Args:
         color_jitter_p: probability of ColorJitter (0.8).
         brightness, contrast, saturation, hue: ColorJitter strengths (0.5, 0.5, 0.5, 0.25).
-        grayscale_p: RandomGrayscale probability (0.2).
+        grayscale_p: grey-world probability (0.2), ITU-R 601 weights, 3 channels.
         blur_p: Gaussian blur probability (0.5).
-        blur_sigma: ``(low, high)`` blur sigma range in pixels (0.1-2.0); kernel side ``2 * ceil(3 sigma) + 1``.
+        blur_sigma: ``(low, high)`` blur sigma range in pixels (0.1-2.0); kernel side ``2 * int(3.5 sigma) + 1``.
     """
 
     def __init__(
@@ -163,21 +156,16 @@ class StrongColor:
             if not 0.0 <= float(p) <= 1.0:
                 raise BRPGInputError(f"strong.{key}={p}; expected a probability in [0, 1]")
         self.color_jitter_p, self.grayscale_p, self.blur_p = float(color_jitter_p), float(grayscale_p), float(blur_p)
-        self.jitter = v2.ColorJitter(
-            brightness=float(brightness), contrast=float(contrast), saturation=float(saturation), hue=float(hue)
-        )
         self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        self.pipeline = A.Compose([
+            A.ColorJitter(brightness=float(brightness), contrast=float(contrast), saturation=float(saturation),
+                          hue=float(hue), p=self.color_jitter_p),
+            A.ToGray(num_output_channels=3, method="weighted_average", p=self.grayscale_p),
+            A.GaussianBlur(blur_limit=0, sigma_limit=self.blur_sigma, p=self.blur_p),
+        ])
 
-    def __call__(self, image: Tensor) -> Tensor:
-        if torch.rand(()).item() < self.color_jitter_p:
-            image = self.jitter(image)
-        if torch.rand(()).item() < self.grayscale_p:
-            image = TF.rgb_to_grayscale(image, num_output_channels=3)
-        if torch.rand(()).item() < self.blur_p:
-            sigma = _uniform(*self.blur_sigma)
-            k = 2 * math.ceil(3 * sigma) + 1
-            image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
-        return image.clamp(0.0, 1.0).contiguous()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_seeded(self.pipeline)(image=image)["image"])
 
 
 # --------------------------------------------------------------------------- item transforms
@@ -217,10 +205,9 @@ class UnlabeledTransform:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
         image, _, valid = self.weak(image, None)
-        unit = to_unit_tensor(image)
         return {
-            "image": to_normalized_tensor(unit),
-            "image_strong": to_normalized_tensor(self.strong(unit.clone())),
+            "image": to_normalized_tensor(image),
+            "image_strong": to_normalized_tensor(self.strong(image)),
             "valid": torch.tensor(np.ascontiguousarray(valid), dtype=torch.bool),
         }
 

@@ -6,31 +6,43 @@
     <root>/unlabeled/images/<name>.{png,jpg,jpeg}   (no masks)
     <root>/val/images/<name>.{png,jpg,jpeg}         <root>/val/masks/<name>.png
 
-The layout is checked in the constructor (root, sub-folders, one mask per labeled/val image); mask values
-are checked when an item loads. Every problem is a one-line :class:`~brpg_lightning.errors.BRPGInputError`.
+Matching rule: an image and its mask share the file stem (``cat_01.jpg`` <-> ``cat_01.png``); masks are
+always PNG. Every labeled/val image needs its mask and every mask its image: the error lists the unmatched
+files (count and the first few). Masks are single-channel PNGs of class ids (mode L or P: palette PNGs are
+read as their indices), or RGB PNGs when a classes file gives a palette (see :func:`read_classes_file`).
+
+The layout is checked in the constructor (root, sub-folders, names); pixels are checked when an item loads
+(and in the datamodule's sampled pre-pass). Every problem is a one-line
+:class:`~brpg_lightning.errors.BRPGInputError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
 
-from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.data.datasets.common import (
+    IMAGE_EXTENSIONS,
+    PairDataset,
+    Sample,
+    Transform,
+    check_mask_values,
+    read_image,
+    read_mask,
+    shown,
+)
 from brpg_lightning.errors import BRPGInputError
 
+__all__ = [
+    "EXPECTED_LAYOUT", "FolderDataset", "IMAGE_EXTENSIONS", "SUBSETS", "check_mask_values", "list_images",
+    "load_image", "load_mask", "read_classes_file",
+]
+
 SUBSETS: tuple[str, ...] = ("labeled", "unlabeled", "val")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 EXPECTED_LAYOUT = (
     "<root>/labeled/images, <root>/labeled/masks, <root>/unlabeled/images, <root>/val/images, <root>/val/masks"
 )
-
-Transform = Callable[[np.ndarray, "np.ndarray | None"], dict[str, Any]]
-"""``transform(image (H, W, 3) uint8, mask (H, W) uint8 or None) -> item dict`` (see ``data.transforms``)."""
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -41,43 +53,47 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def check_mask_values(mask: np.ndarray, num_classes: int, path: str | Path) -> None:
-    """Raise when ``mask`` holds a value outside ``[0, num_classes)`` that is not ``IGNORE_INDEX`` (255).
-
-    >>> check_mask_values(np.array([[0, 2], [255, 1]]), 3, "m.png")
-    >>> check_mask_values(np.array([[0, 3], [7, 255]]), 3, "m.png")
-    Traceback (most recent call last):
-    ...
-    brpg_lightning.errors.BRPGInputError: mask 'm.png' has values [3, 7] outside [0, 3) (255 = ignore is allowed)
-    """
-    values = np.unique(mask)
-    bad = values[((values < 0) | (values >= num_classes)) & (values != IGNORE_INDEX)]
-    if bad.size:
-        shown = ", ".join(str(int(v)) for v in bad[:20]) + (", ..." if bad.size > 20 else "")
-        raise BRPGInputError(
-            f"mask '{path}' has values [{shown}] outside [0, {num_classes}) ({IGNORE_INDEX} = ignore is allowed)"
-        )
-
-
 def load_image(path: Path) -> np.ndarray:
-    """RGB image as a ``(H, W, 3)`` uint8 array (grey, palette and RGBA images are converted)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"), dtype=np.uint8)
+    """RGB image as a ``(H, W, 3)`` uint8 array (OpenCV decoding; see ``common.read_image``)."""
+    return read_image(path)
 
 
 def load_mask(path: Path, num_classes: int) -> np.ndarray:
-    """Single-channel class-id mask as ``(H, W)`` uint8 (PNG mode L, P, I or I;16; values checked)."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise BRPGInputError(
-                f"mask '{path}' has PIL mode {im.mode}; expected a single-channel PNG of class ids (mode L or P)"
-            )
-        mask = np.array(im)
-    check_mask_values(mask, num_classes, path)
-    return mask.astype(np.uint8)
+    """Single-channel class-id mask as ``(H, W)`` uint8 (values checked; see ``common.read_mask``)."""
+    return read_mask(path, num_classes)
 
 
-class FolderDataset(Dataset):
+def read_classes_file(path: str | Path) -> tuple[list[str], np.ndarray | None]:
+    """Class names and optional palette from a text file: one class per line, in id order.
+
+    Each line is ``name`` or ``name R G B`` (0-255); either every line has a colour or none does; ``#``
+    starts a comment. With colours, RGB masks are decoded through the palette (an unknown colour is an error).
+
+    Returns ``(names, palette (C, 3) uint8 or None)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BRPGInputError(f"dataset.classes_file '{path}' does not exist; expected one 'name [R G B]' per line")
+    names: list[str] = []
+    colours: list[list[int]] = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) not in (1, 4) or (len(parts) == 4 and not all(p.isdigit() and int(p) < 256 for p in parts[1:])):
+            raise BRPGInputError(f"'{path}' line {number} is '{raw.strip()}'; expected 'name' or 'name R G B' (0-255)")
+        names.append(parts[0])
+        if len(parts) == 4:
+            colours.append([int(p) for p in parts[1:]])
+    if not names:
+        raise BRPGInputError(f"dataset.classes_file '{path}' names no classes; expected one 'name [R G B]' per line")
+    if colours and len(colours) != len(names):
+        raise BRPGInputError(f"'{path}' gives colours for {len(colours)} of {len(names)} classes; expected all or none")
+    return names, (np.array(colours, np.uint8) if colours else None)
+
+
+class FolderDataset(PairDataset):
     """One subset of the folder layout.
 
     Items without ``transform``: ``{"image": (H, W, 3) uint8, "mask": (H, W) uint8, "name": str}`` (no
@@ -87,8 +103,9 @@ class FolderDataset(Dataset):
         root: dataset root.
         subset: ``"labeled"``, ``"unlabeled"`` or ``"val"``.
         num_classes: ``C``; mask values must be in ``[0, C)`` or 255.
-        transform: see :data:`Transform`.
+        transform: see :data:`~brpg_lightning.data.datasets.common.Transform`.
         allow_empty: accept an existing but empty ``images/`` folder (the unlabeled set of split "full").
+        palette: ``(C, 3)`` colours: RGB masks are mapped to class ids through it.
     """
 
     def __init__(
@@ -98,38 +115,55 @@ class FolderDataset(Dataset):
         num_classes: int,
         transform: Transform | None = None,
         allow_empty: bool = False,
+        palette: np.ndarray | None = None,
     ) -> None:
         if subset not in SUBSETS:
             raise BRPGInputError(f"subset '{subset}' is not valid; expected one of {', '.join(SUBSETS)}")
         self.root = Path(root)
         self.subset = subset
-        self.num_classes = int(num_classes)
-        self.transform = transform
-        self.has_masks = subset != "unlabeled"
         if not self.root.is_dir():
             raise BRPGInputError(f"dataset root '{self.root}' does not exist; expected the layout {EXPECTED_LAYOUT}")
-
         image_dir = self.root / subset / "images"
-        self.images = self._list_required(image_dir, allow_empty)
-        self.masks: list[Path] = []
-        if self.has_masks:
-            mask_dir = self.root / subset / "masks"
-            if not mask_dir.is_dir():
-                raise BRPGInputError(
-                    f"missing folder '{mask_dir}' (masks of '{image_dir}'); expected the layout {EXPECTED_LAYOUT}"
-                )
-            if self.images and not any(mask_dir.glob("*.png")):
-                raise BRPGInputError(f"folder '{mask_dir}' holds no .png masks; expected one <name>.png per image")
-            for image in self.images:
-                mask = mask_dir / f"{image.stem}.png"
-                if not mask.is_file():
-                    raise BRPGInputError(f"image '{image}' has no mask; expected '{mask}'")
-                self.masks.append(mask)
-        stems = [p.stem for p in self.images]
+        images = self._list_required(image_dir, allow_empty)
+        stems = [p.stem for p in images]
         if len(set(stems)) != len(stems):
             dup = sorted({s for s in stems if stems.count(s) > 1})[0]
             raise BRPGInputError(f"folder '{image_dir}' holds several images named '{dup}' (different extensions)")
-        self.names = stems
+        masks: list[Path | None] = [None] * len(images)
+        if subset != "unlabeled":
+            masks = list(self._match_masks(image_dir, images))
+        samples = [Sample(i, m, i.stem) for i, m in zip(images, masks, strict=True)]
+        super().__init__(samples, num_classes, transform, with_masks=subset != "unlabeled", palette=palette)
+        self.images = images
+        self.masks = [m for m in masks if m is not None]
+
+    @staticmethod
+    def _match_masks(image_dir: Path, images: list[Path]) -> list[Path]:
+        mask_dir = image_dir.parent / "masks"
+        if not mask_dir.is_dir():
+            raise BRPGInputError(
+                f"missing folder '{mask_dir}' (masks of '{image_dir}'); expected the layout {EXPECTED_LAYOUT}"
+            )
+        mask_files = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+        if images and not mask_files:
+            raise BRPGInputError(f"folder '{mask_dir}' holds no .png masks; expected one <name>.png per image")
+        unmatched = [p for p in images if p.stem not in mask_files]
+        if len(unmatched) == 1:
+            image = unmatched[0]
+            raise BRPGInputError(f"image '{image}' has no mask; expected '{mask_dir / (image.stem + '.png')}'")
+        if unmatched:
+            raise BRPGInputError(
+                f"{len(unmatched)} images in '{image_dir}' have no mask of the same name in '{mask_dir}': "
+                f"{shown([p.name for p in unmatched])}; expected <name>.png for each <name>.<ext>"
+            )
+        stems = {p.stem for p in images}
+        orphans = sorted(name for stem, p in mask_files.items() if stem not in stems for name in [p.name])
+        if orphans:
+            raise BRPGInputError(
+                f"{len(orphans)} masks in '{mask_dir}' have no image of the same name in '{image_dir}': "
+                f"{shown(orphans)}; expected every mask to match an image by name"
+            )
+        return [mask_files[p.stem] for p in images]
 
     def _list_required(self, image_dir: Path, allow_empty: bool) -> list[Path]:
         if not image_dir.is_dir():
@@ -140,28 +174,3 @@ class FolderDataset(Dataset):
                 f"folder '{image_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); expected at least one"
             )
         return images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw ``(image (H, W, 3) uint8, mask (H, W) uint8 or None)`` of item ``index``."""
-        image = load_image(self.images[index])
-        if not self.has_masks:
-            return image, None
-        mask = load_mask(self.masks[index], self.num_classes)
-        if mask.shape != image.shape[:2]:
-            raise BRPGInputError(
-                f"mask '{self.masks[index]}' is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"'{self.images[index]}' is {image.shape[1]}x{image.shape[0]}; expected the same size"
-            )
-        return image, mask
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image, mask = self.load(index)
-        if self.transform is not None:
-            item = dict(self.transform(image, mask))
-        else:
-            item = {"image": image} if mask is None else {"image": image, "mask": mask}
-        item["name"] = self.names[index]
-        return item

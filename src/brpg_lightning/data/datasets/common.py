@@ -1,0 +1,237 @@
+"""What every reader shares: decoding, mask checks, one-line errors from worker processes, and
+:class:`PairDataset` over a list of ``(image, mask or None)`` files.
+
+Decoding: images with OpenCV (``cv2.imdecode``, faster than PIL for JPEG and PNG, and what albumentations
+works on); masks with PIL, because OpenCV expands palette PNGs (PASCAL's ``SegmentationClass``) to colours
+while PIL returns their class indices. A truncated JPEG decodes "successfully" in OpenCV (libjpeg fills the
+rest with grey and warns on stderr), so a JPEG without its end-of-image marker is rejected explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.errors import BRPGInputError
+
+cv2.setNumThreads(0)  # decoding runs inside DataLoader workers: no nested OpenCV thread pools
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+MASK_MODES: tuple[str, ...] = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+SHOWN = 5
+"""How many examples a message lists (missing files, unmatched names)."""
+
+Transform = Callable[[np.ndarray, "np.ndarray | None"], dict[str, Any]]
+"""``transform(image (H, W, 3) uint8, mask (H, W) uint8 or None) -> item dict`` (see ``data.transforms``)."""
+
+
+class DataItemError(BRPGInputError):
+    """A bad file met while loading an item; stays one line when re-raised from a DataLoader worker.
+
+    ``torch.utils.data`` re-raises a worker's exception as ``type(exc)("Caught ... Original Traceback ...")``;
+    this class keeps only the original message (the traceback's last line).
+
+    >>> str(DataItemError("Caught DataItemError in DataLoader worker process 0.\\nOriginal Traceback "
+    ...     "(most recent call last):\\n  File ...\\nbrpg_lightning.data.datasets.common.DataItemError: bad 'x.png'\\n"))
+    "bad 'x.png'"
+    """
+
+    def __init__(self, message: str) -> None:
+        text = str(message)
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            last = [ln for ln in text.splitlines() if ln.strip()][-1]
+            text = last.split("Error: ", 1)[1] if "Error: " in last else last
+        super().__init__(text)
+
+
+def shown(items: Sequence[Any], n: int = SHOWN) -> str:
+    """``'a', 'b', ... (+3 more)`` for messages.
+
+    >>> shown(["a", "b", "c"], 2)
+    "'a', 'b' (+1 more)"
+    """
+    head = ", ".join(f"'{x}'" for x in items[:n])
+    return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def check_mask_values(mask: np.ndarray, num_classes: int, path: str | Path) -> None:
+    """Raise when ``mask`` holds a value outside ``[0, num_classes)`` that is not ``IGNORE_INDEX`` (255).
+
+    >>> check_mask_values(np.array([[0, 2], [255, 1]]), 3, "m.png")
+    >>> check_mask_values(np.array([[0, 3], [7, 255]]), 3, "m.png")
+    Traceback (most recent call last):
+    ...
+    brpg_lightning.data.datasets.common.DataItemError: mask 'm.png' has values [3, 7] outside [0, 3) (255 = ignore is allowed); is dataset.num_classes=3 right?
+    """
+    values = np.unique(mask)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != IGNORE_INDEX)]
+    if bad.size:
+        text = ", ".join(str(int(v)) for v in bad[:20]) + (", ..." if bad.size > 20 else "")
+        raise DataItemError(
+            f"mask '{path}' has values [{text}] outside [0, {num_classes}) ({IGNORE_INDEX} = ignore is allowed); "
+            f"is dataset.num_classes={num_classes} right?"
+        )
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB ``(H, W, 3)`` uint8 decoded by OpenCV (grey and RGBA converted); one-line error naming the file
+    when it cannot be read, is not an image, or is a truncated JPEG."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataItemError(f"image '{path}' cannot be read ({exc.strerror}); expected a readable image file") from None
+    if data.size >= 2 and data[0] == 0xFF and data[1] == 0xD8 and b"\xff\xd9" not in data[-4096:].tobytes():
+        raise DataItemError(f"image '{path}' is a truncated JPEG (no end-of-image marker); re-extract or remove it")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
+    if image is None:
+        raise DataItemError(f"image '{path}' cannot be decoded; expected a PNG or JPEG image")
+    return image
+
+
+def palette_to_ids(rgb: np.ndarray, palette: np.ndarray, path: str | Path) -> np.ndarray:
+    """``(H, W, 3)`` colour mask -> class ids through ``palette`` (``(C, 3)``); white (255, 255, 255) is 255.
+
+    >>> palette_to_ids(np.array([[[0, 0, 0], [255, 0, 0]]], np.uint8), np.array([[0, 0, 0], [255, 0, 0]]), "m")
+    array([[0, 1]], dtype=uint8)
+    """
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    table = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in enumerate(palette.tolist())}
+    table.setdefault(0xFFFFFF, IGNORE_INDEX)
+    values, inverse = np.unique(codes, return_inverse=True)
+    unknown = [v for v in values.tolist() if v not in table]
+    if unknown:
+        colours = ", ".join(f"({v >> 16}, {v >> 8 & 255}, {v & 255})" for v in unknown[:SHOWN])
+        raise DataItemError(
+            f"mask '{path}' has {len(unknown)} colours not in the classes file palette: {colours}; "
+            f"expected only palette colours (white = ignore)"
+        )
+    return np.array([table[v] for v in values.tolist()], np.uint8)[inverse].reshape(codes.shape)
+
+
+def read_mask(
+    path: str | Path, num_classes: int | None, lut: np.ndarray | None = None, palette: np.ndarray | None = None
+) -> np.ndarray:
+    """Single-channel class-id mask ``(H, W)`` uint8 (PNG mode L, P — palette indices — or I/I;16).
+
+    ``lut`` (256 entries) maps raw ids first (Cityscapes ``labelIds``); values are then checked against
+    ``[0, num_classes)`` and 255 (None: not checked). With ``palette``, RGB masks are decoded by colour.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if palette is not None and im.mode in ("RGB", "RGBA"):
+                return palette_to_ids(np.array(im.convert("RGB")), palette, path)
+            if im.mode not in MASK_MODES:
+                raise DataItemError(
+                    f"mask '{path}' has PIL mode {im.mode}; expected a single-channel PNG of class ids (mode L or P)"
+                )
+            mask = np.array(im)
+    except (OSError, SyntaxError) as exc:  # PIL: truncated / not an image
+        raise DataItemError(f"mask '{path}' cannot be decoded ({exc}); expected a PNG of class ids") from None
+    if lut is not None:
+        if mask.min() < 0 or mask.max() > 255:
+            raise DataItemError(f"mask '{path}' has ids outside 0..255; expected 8-bit label ids")
+        mask = lut[mask]
+    if num_classes is not None:
+        check_mask_values(mask, num_classes, path)
+    return mask.astype(np.uint8)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` from the file header only (PIL reads no pixels)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError) as exc:
+        raise DataItemError(f"file '{path}' cannot be opened as an image ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One item: image file, mask file (None for unlabeled) and the name used in batches and messages."""
+
+    image: Path
+    mask: Path | None
+    name: str
+
+
+class PairDataset(Dataset):
+    """Items of a list of :class:`Sample`.
+
+    Without ``transform``: ``{"image": (H, W, 3) uint8, "mask": (H, W) uint8, "name": str}`` (no ``"mask"``
+    when ``with_masks`` is False, e.g. unlabeled sets: their mask files are never opened). With ``transform``:
+    ``transform(image, mask_or_None)`` plus ``"name"``. Mask values are checked on every load.
+
+    Args:
+        samples: the items.
+        num_classes: ``C``; mask values must be in ``[0, C)`` or 255.
+        transform: see :data:`Transform`.
+        with_masks: load masks (every sample must then have one).
+        lut: optional 256-entry id map applied to raw masks (Cityscapes ``labelIds``).
+        palette: optional ``(C, 3)`` colours: RGB masks are decoded through it (folder layout).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        num_classes: int,
+        transform: Transform | None = None,
+        with_masks: bool = True,
+        lut: np.ndarray | None = None,
+        palette: np.ndarray | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.has_masks = bool(with_masks)
+        self.lut, self.palette = lut, palette
+        if self.has_masks:
+            missing = [s.name for s in self.samples if s.mask is None]
+            if missing:
+                raise BRPGInputError(f"{len(missing)} labeled items have no mask file: {shown(missing)}")
+        self.names = [s.name for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw ``(image (H, W, 3) uint8, mask (H, W) uint8 or None)`` of item ``index``."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        if not self.has_masks:
+            return image, None
+        assert sample.mask is not None
+        mask = read_mask(sample.mask, self.num_classes, self.lut, self.palette)
+        if mask.shape != image.shape[:2]:
+            raise DataItemError(
+                f"mask '{sample.mask}' is {mask.shape[1]}x{mask.shape[0]} but image '{sample.image}' is "
+                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.load(index)
+        if self.transform is not None:
+            item = dict(self.transform(image, mask))
+        else:
+            item = {"image": image} if mask is None else {"image": image, "mask": mask}
+        item["name"] = self.names[index]
+        return item
+
+    def check_sample(self, count: int) -> None:
+        """Decode ``count`` evenly spaced items (all when ``count >= len``): readable images, mask values and
+        sizes. The cheap pre-pass run at setup; every later load checks its own item again."""
+        n = len(self)
+        if count <= 0 or n == 0:
+            return
+        for index in sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist())):
+            self.load(index)
