@@ -9,6 +9,17 @@ labeled loader alone; with no unlabeled images (split "full") an epoch is one pa
 
 Under DDP, Lightning replaces the labeled sampler (a ``RandomSampler``) by a ``DistributedSampler`` over the
 labeled set repeated to the epoch length, so every rank still has about one unlabeled pass of labeled batches.
+
+Sources (``layout``): the folder layout's sub-folders (``split_dir`` unset: the synthetic set and a user's own
+tree), or split lists ``<split_dir>/<split>/{labeled,unlabeled}.txt`` + ``<split_dir>/val.txt`` over a
+``pascal``, ``cityscapes``, ``coco`` or ``folder`` tree (``data.splits``). Names are checked when the
+datasets are built (``setup``); pixels in a sampled pre-pass of ``check_items`` items per set and again on
+every load. Batch sizes are per device (per DDP process): the total batch is ``batch_size_labeled x devices x
+num_nodes``.
+
+Evaluation protocol (``val_mode``, :attr:`SemiSupervisedDataModule.eval_protocol`): ``whole`` image,
+``center_crop`` to ``val_crop_size`` (done by the val transform), or ``sliding`` windows of ``val_crop_size``
+every ``val_stride`` pixels over the whole image (done by the module, ``methods.base``).
 """
 
 from __future__ import annotations
@@ -25,9 +36,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data._utils.collate import default_collate
 
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.data.datasets.folder import FolderDataset
+from brpg_lightning.data.datasets.common import PairDataset
+from brpg_lightning.data.datasets.folder import FolderDataset, read_classes_file
 from brpg_lightning.data.datasets.synthetic import generate_synthetic, synthetic_class_names
-from brpg_lightning.data.splits import validate_split
+from brpg_lightning.data.splits import LAYOUTS, SplitLists, load_split, make_layout, validate_split
 from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
 from brpg_lightning.errors import BRPGInputError
 
@@ -82,6 +94,26 @@ def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(items)
 
 
+EVAL_MODES: tuple[str, ...] = ("whole", "center_crop", "sliding")
+
+
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """One line naming an evaluation protocol.
+
+    >>> describe_protocol({"mode": "sliding", "crop_size": 769, "stride": None})
+    'sliding window 769x769, stride 513 (2/3 of the crop), over the whole image, overlapping logits averaged'
+    >>> describe_protocol({"mode": "center_crop", "crop_size": 513, "stride": None})
+    'center crop 513x513 (single scale)'
+    """
+    mode, crop, stride = protocol["mode"], protocol.get("crop_size"), protocol.get("stride")
+    if mode == "sliding":
+        step = f"{stride}" if stride else f"{-(-2 * int(crop) // 3)} (2/3 of the crop)"
+        return f"sliding window {crop}x{crop}, stride {step}, over the whole image, overlapping logits averaged"
+    if mode == "center_crop":
+        return f"center crop {crop}x{crop} (single scale)"
+    return "whole image (single scale)"
+
+
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """Datamodule over the folder layout (``data.datasets.folder``), optionally generating the synthetic set.
 
@@ -97,7 +129,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         use_unlabeled: load unlabeled images (False: the supervised baseline, same epoch length).
         scale_range, flip_p: weak augmentation (paper Sec. 4.1.5: 0.5-2.0, 0.5).
         strong: keyword arguments of ``transforms.StrongColor``.
-        val_mode, val_crop_size: see ``transforms.ValTransform``.
+        val_mode, val_crop_size, val_stride: evaluation protocol: ``whole``, ``center_crop`` (to
+            ``val_crop_size``) or ``sliding`` (``val_crop_size`` windows every ``val_stride`` px; None: 2/3 crop).
+        layout: ``folder`` (default), ``pascal``, ``cityscapes`` or ``coco``.
+        split_dir: split folder (``<split_dir>/<split>/labeled.txt`` ...); required by pascal/cityscapes/coco;
+            for ``folder``, None reads the sub-folders.
+        mask_dir: PASCAL mask folder (``SegmentationClassAug`` blended, ``SegmentationClass`` classic).
+        label_format: Cityscapes masks: ``trainIds`` or ``labelIds`` (mapped by the official table).
+        classes_file: folder layout: class names (and optional palette) file, see ``folder.read_classes_file``.
+        check_items: items per set decoded and checked at setup (0: none); every load is checked anyway.
         synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
             ``split``/``num_classes`` default to this module's and must agree with them.
         class_names: one name per class (default: synthetic names, else ``class_<i>``).
@@ -124,7 +164,14 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         synthetic: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         persistent_workers: bool = False,
-        pin_memory: bool = False,
+        pin_memory: bool | str = False,
+        layout: str | None = None,
+        split_dir: str | None = None,
+        mask_dir: str | None = None,
+        label_format: str | None = None,
+        classes_file: str | None = None,
+        val_stride: int | None = None,
+        check_items: int = 8,
     ) -> None:
         super().__init__()
         self.name = str(name)
@@ -140,8 +187,27 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             raise BRPGInputError(f"dataset.num_workers={num_workers}; expected an integer >= 0")
         self.batch_size_labeled, self.batch_size_unlabeled = int(batch_size_labeled), int(batch_size_unlabeled)
         self.batch_size_val, self.num_workers = int(batch_size_val), int(num_workers)
-        self.persistent_workers, self.pin_memory = bool(persistent_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.use_unlabeled = bool(use_unlabeled)
+        self.check_items = int(check_items)
+
+        self.layout_name = str(layout or "folder")
+        if self.layout_name not in LAYOUTS:
+            raise BRPGInputError(f"dataset.layout={self.layout_name!r}; expected one of {', '.join(LAYOUTS)}")
+        self.split_dir = None if split_dir is None else Path(str(split_dir))
+        if self.split_dir is None and self.layout_name != "folder":
+            raise BRPGInputError(
+                f"dataset.split_dir is not set; the {self.layout_name} layout reads <split_dir>/{self.split}/labeled.txt "
+                f"(the published split folders, or tools.make_split's output)"
+            )
+        self.layout = make_layout(self.layout_name, self.root, mask_dir, label_format)
+        self.palette = None
+        if classes_file is not None:
+            names, self.palette = read_classes_file(str(classes_file))
+            class_names = names if class_names is None else class_names
+        if class_names is None and self.layout.class_names is not None:
+            class_names = list(self.layout.class_names)
 
         self.synthetic = None if synthetic is None else self._synthetic_kwargs(dict(synthetic))
         if class_names is None:
@@ -157,12 +223,24 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.unlabeled_transform = UnlabeledTransform(
             int(crop_size), tuple(scale_range), float(flip_p), dict(strong) if strong else None
         )
-        self.val_transform = ValTransform(str(val_mode), val_crop_size)
+        if str(val_mode) not in EVAL_MODES:
+            raise BRPGInputError(f"dataset.val_mode={val_mode!r}; expected one of {', '.join(EVAL_MODES)}")
+        if val_mode == "sliding" and (val_crop_size is None or int(val_crop_size) < 1):
+            raise BRPGInputError(f"dataset.val_mode=sliding needs dataset.val_crop_size >= 1, got {val_crop_size}")
+        if val_stride is not None and int(val_stride) < 1:
+            raise BRPGInputError(f"dataset.val_stride={val_stride}; expected an integer >= 1 or null (2/3 of the crop)")
+        self.eval_protocol: dict[str, Any] = {
+            "mode": str(val_mode),
+            "crop_size": None if val_crop_size is None else int(val_crop_size),
+            "stride": None if val_stride is None else int(val_stride),
+        }
+        self.val_transform = ValTransform("whole" if val_mode == "sliding" else str(val_mode), val_crop_size)
 
-        self.labeled_set: FolderDataset | None = None
-        self.unlabeled_set: FolderDataset | None = None
-        self.val_set: FolderDataset | None = None
+        self.labeled_set: PairDataset | None = None
+        self.unlabeled_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
         self.num_unlabeled_images = 0
+        self._lists: SplitLists | None = None
 
     def _synthetic_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         for key, mine in (("split", self.split), ("num_classes", self.num_classes)):
@@ -177,35 +255,64 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if self.synthetic is not None:
             generate_synthetic(self.root, **self.synthetic)
 
+    @property
+    def uses_split_lists(self) -> bool:
+        """Whether the sets come from split files (else from the folder layout's sub-folders)."""
+        return self.split_dir is not None
+
+    def _split_lists(self) -> SplitLists:
+        if self._lists is None:
+            assert self.split_dir is not None
+            self._lists = load_split(self.layout, self.split_dir, self.split, need_unlabeled=self.use_unlabeled)
+        return self._lists
+
+    def _pair(self, samples: Any, transform: Any, with_masks: bool = True) -> PairDataset:
+        return PairDataset(samples, self.num_classes, transform, with_masks, self.layout.lut, self.palette)
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once (validating the layout): train sets for ``fit``, val for every stage."""
         if stage in (None, "fit"):
             self._build_train()
         if self.val_set is None:
-            self.val_set = FolderDataset(self.root, "val", self.num_classes, self.val_transform)
+            if self.uses_split_lists:
+                self.val_set = self._pair(self._split_lists().val, self.val_transform)
+            else:
+                self.val_set = FolderDataset(self.root, "val", self.num_classes, self.val_transform, palette=self.palette)
+            self.val_set.check_sample(self.check_items)
 
     def _build_train(self) -> None:
         if self.labeled_set is not None:
             return
-        labeled = FolderDataset(self.root, "labeled", self.num_classes, self.labeled_transform)
-        if self.use_unlabeled:
-            self.unlabeled_set = FolderDataset(
-                self.root, "unlabeled", self.num_classes, self.unlabeled_transform, allow_empty=True
-            )
-            self.num_unlabeled_images = len(self.unlabeled_set)
-        elif (self.root / "unlabeled" / "images").is_dir():  # SupOnly: count only, for the same epoch length
-            self.num_unlabeled_images = len(FolderDataset(self.root, "unlabeled", self.num_classes, allow_empty=True))
-        self.labeled_set = labeled
+        if self.uses_split_lists:
+            lists = self._split_lists()
+            labeled = self._pair(lists.labeled, self.labeled_transform)
+            self.num_unlabeled_images = len(lists.unlabeled)
+            if self.use_unlabeled:
+                self.unlabeled_set = self._pair(lists.unlabeled, self.unlabeled_transform, with_masks=False)
+            where_l, where_u = lists.files["labeled"], lists.files["unlabeled"]
+        else:
+            labeled = FolderDataset(self.root, "labeled", self.num_classes, self.labeled_transform, palette=self.palette)
+            if self.use_unlabeled:
+                self.unlabeled_set = FolderDataset(
+                    self.root, "unlabeled", self.num_classes, self.unlabeled_transform, allow_empty=True
+                )
+                self.num_unlabeled_images = len(self.unlabeled_set)
+            elif (self.root / "unlabeled" / "images").is_dir():  # SupOnly: count only, for the same epoch length
+                self.num_unlabeled_images = len(FolderDataset(self.root, "unlabeled", self.num_classes, allow_empty=True))
+            where_l, where_u = self.root / "labeled" / "images", self.root / "unlabeled" / "images"
         if self.num_unlabeled_images and self.num_unlabeled_images < self.batch_size_unlabeled:
             raise BRPGInputError(
-                f"'{self.root / 'unlabeled' / 'images'}' holds {self.num_unlabeled_images} images, fewer than "
+                f"'{where_u}' holds {self.num_unlabeled_images} images, fewer than "
                 f"batch_size_unlabeled={self.batch_size_unlabeled}"
             )
         if not self.num_unlabeled_images and len(labeled) < self.batch_size_labeled:
             raise BRPGInputError(
-                f"'{self.root / 'labeled' / 'images'}' holds {len(labeled)} images, fewer than "
-                f"batch_size_labeled={self.batch_size_labeled}"
+                f"'{where_l}' holds {len(labeled)} images, fewer than batch_size_labeled={self.batch_size_labeled}"
             )
+        labeled.check_sample(self.check_items)
+        if self.unlabeled_set is not None:
+            self.unlabeled_set.check_sample(min(self.check_items, 2))
+        self.labeled_set = labeled
 
     @property
     def iterations_per_epoch(self) -> int:

@@ -14,13 +14,34 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.data.datamodule import describe_protocol
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
 from brpg_lightning.methods.schedules import poly_lr_factor
+from brpg_lightning.models.inference import sliding_window_logits
 from brpg_lightning.models.output import SegmentorOutput, resize_to_input
 
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCALINGS = ("none", "linear")
+
+
+def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, reference_batch: int) -> float:
+    """The base learning rate under ``optim.lr_scaling``: ``none`` keeps it; ``linear`` multiplies it by
+    ``total batch / reference_batch`` with total batch = per-device labeled batch x processes (devices x nodes).
+
+    >>> scaled_lr(0.001, "linear", per_device_batch=8, world_size=1, reference_batch=16)
+    0.0005
+    >>> scaled_lr(0.001, "none", 8, 1, 16)
+    0.001
+    """
+    if rule not in LR_SCALINGS:
+        raise BRPGInputError(f"optim.lr_scaling={rule!r}; expected one of {', '.join(LR_SCALINGS)}")
+    if rule == "none":
+        return lr
+    if int(reference_batch) < 1:
+        raise BRPGInputError(f"optim.reference_batch={reference_batch}; expected an integer >= 1")
+    return lr * per_device_batch * world_size / int(reference_batch)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -128,6 +149,14 @@ class SegmentationModule(pl.LightningModule):
         cfg = self.optim_cfg
         groups = self.student.param_groups()
         lr = float(cfg["lr"])
+        if cfg.get("lr_scaling", "none") != "none":
+            trainer = self._trainer
+            batch = int(getattr(getattr(trainer, "datamodule", None), "batch_size_labeled", 0) or 0)
+            world = int(getattr(trainer, "world_size", 1) or 1)
+            lr = scaled_lr(lr, str(cfg["lr_scaling"]), batch, world, int(cfg.get("reference_batch", 16)))
+            if trainer is None or trainer.is_global_zero:
+                print(f"optim.lr_scaling={cfg['lr_scaling']}: backbone lr {cfg['lr']} -> {lr:.6g} "
+                      f"(total labeled batch {batch} x {world} / reference {cfg.get('reference_batch', 16)})", flush=True)
         params = [
             {"params": groups["backbone"], "lr": lr, "name": "backbone"},
             {"params": groups["head"], "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "name": "head"},
@@ -147,8 +176,41 @@ class SegmentationModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
+    eval_protocol: dict[str, Any] | None = None
+    """The datamodule's ``eval_protocol`` (``mode`` whole | center_crop | sliding, ``crop_size``, ``stride``),
+    read at the start of validation/test; None or a non-sliding mode: one forward pass per image."""
+
+    def on_validation_start(self) -> None:
+        self._read_eval_protocol()
+
+    def on_test_start(self) -> None:
+        self._read_eval_protocol()
+
+    def _read_eval_protocol(self) -> None:
+        """Take the protocol from the attached datamodule and print it (once per protocol and stage)."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        protocol = getattr(datamodule, "eval_protocol", None)
+        if protocol is not None:
+            self.eval_protocol = dict(protocol)
+        line = describe_protocol(self.eval_protocol or {"mode": "whole"})
+        key = (str(getattr(getattr(trainer, "state", None), "fn", "")), line)
+        if key != getattr(self, "_printed_protocol", None):
+            self._printed_protocol = key
+            if trainer is None or trainer.is_global_zero:
+                print(f"evaluation protocol ({getattr(datamodule, 'name', 'data')}): {line}", flush=True)
+
     def predict_logits(self, images: Tensor, size: tuple[int, int]) -> Tensor:
-        """Classification-head logits of :attr:`eval_model` at ``size`` (whole-image protocol)."""
+        """Classification-head logits of :attr:`eval_model` at ``size``: one pass over the (whole or
+        centre-cropped) image, or the sliding-window average when :attr:`eval_protocol` says ``sliding``."""
+        protocol = self.eval_protocol or {}
+        if protocol.get("mode") == "sliding":
+
+            def window_logits(window: Tensor) -> Tensor:
+                out = self.eval_model(window)
+                return resize_to_input(out.logits, tuple(window.shape[-2:]), out.stride)
+
+            return sliding_window_logits(window_logits, images, int(protocol["crop_size"]), protocol.get("stride"))
         out = self.eval_model(images)
         return resize_to_input(out.logits, size, out.stride)
 
