@@ -202,6 +202,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"(the published split folders, or tools.make_split's output)"
             )
         self.layout = make_layout(self.layout_name, self.root, mask_dir, label_format)
+        if self.split_dir is not None:
+            self.layout.check_root()  # a wrong root fails before any model is built
         self.palette = None
         if classes_file is not None:
             names, self.palette = read_classes_file(str(classes_file))

@@ -1,0 +1,66 @@
+"""The data errors through the entry point's task (``exit_on_bad_input(run)``, what ``python -m brpg_lightning``
+calls after Hydra composed the config: one line on stderr, exit 2, before training), and one tiny training run
+on a real layout (slow). In-process: a subprocess per case would cost ~20 s of imports on 2 shared cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brpg_lightning.cli import exit_on_bad_input
+from brpg_lightning.train import run, train
+from tests.conftest import compose_cfg
+from tests.data.trees import cityscapes_tree, pascal_ids, pascal_tree
+
+def cli_error(capsys: pytest.CaptureFixture[str], tmp_path: Path, *overrides: str) -> str:
+    """Run the training task on ``overrides``; assert exit status 2 and return the one ``error:`` line."""
+    cfg = compose_cfg(*overrides, "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0",
+                      output_dir=tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_bad_input(run)(cfg)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert "Epoch 0" not in captured.err + captured.out
+    return line
+
+
+def test_cli_missing_cityscapes_root_prints_the_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = cli_error(capsys, tmp_path, "dataset=cityscapes", f"dataset.root={tmp_path / 'cs'}",
+                     f"dataset.split_dir={tmp_path}", "model=deeplabv3plus_small")
+    assert f"'{tmp_path / 'cs'}' does not exist" in line and "leftImg8bit/{train,val}/<city>" in line
+
+
+def test_cli_wrong_num_classes_is_named_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = pascal_tree(tmp_path / "voc")
+    lab, _, _ = pascal_ids()
+    mask = np.zeros((12, 16), np.uint8)
+    mask[3, 3] = 40  # a user's mask with more classes than dataset.num_classes
+    Image.fromarray(mask).save(root / "SegmentationClassAug" / f"{lab[0]}.png")
+    line = cli_error(capsys, tmp_path, "dataset=pascal", f"dataset.root={root}", f"dataset.split_dir={root / 'splits'}",
+                     "split=92", "model=deeplabv3plus_small", "dataset.num_workers=0", "dataset.batch_size_labeled=2",
+                     "dataset.batch_size_unlabeled=2")
+    assert f"{lab[0]}.png' has values [40] outside [0, 21)" in line
+
+
+@pytest.mark.slow
+def test_cityscapes_tree_trains_with_sliding_window_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = cityscapes_tree(tmp_path / "cs", size=(64, 96))
+    cfg = compose_cfg(
+        "dataset=cityscapes", f"dataset.root={root}", f"dataset.split_dir={root / 'splits'}", "split=372",
+        "model=deeplabv3plus_small", "dataset.crop_size=32", "dataset.batch_size_labeled=2",
+        "dataset.batch_size_unlabeled=2", "dataset.num_workers=0", "dataset.val_crop_size=64",
+        "dataset.label_format=labelIds", "trainer.max_epochs=1", "trainer.accelerator=cpu", "brpg=none",
+        "callbacks.progress_bar.refresh_rate=0", "optim.lr_scaling=linear", output_dir=tmp_path / "run",
+    )
+    summary, objects = train(cfg)
+    out = capsys.readouterr().out
+    assert "evaluation protocol (cityscapes): sliding window 64x64, stride 43" in out
+    assert "optim.lr_scaling=linear: backbone lr 0.005 -> 0.00125" in out  # 2 x 1 device / reference 8
+    assert objects["module"].eval_protocol["mode"] == "sliding"
+    assert 0.0 <= summary["final_mIoU"] <= 1.0 and 0.0 <= summary["best_mIoU"] <= 1.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_mIoU"] == summary["final_mIoU"]
