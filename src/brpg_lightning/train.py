@@ -121,8 +121,8 @@ def run(cfg: DictConfig) -> float:
     summary, _ = train(cfg)
     log.info("run directory: %s", output_dir(cfg))
     print(
-        f"final val/mIoU = {summary['final_mIoU']:.4f} (best {summary['best_mIoU']:.4f}; "
-        f"checkpoint {summary['best_checkpoint']})",
+        f"final val/mIoU = {summary['final_mIoU']:.4f} (last epoch; best {summary['best_mIoU']:.4f}, the one the "
+        f"official U2PL-based code keeps and reports; checkpoint {summary['best_checkpoint']})",
         flush=True,
     )
     return summary["final_mIoU"]
