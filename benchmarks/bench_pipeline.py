@@ -153,7 +153,7 @@ def run(quick: bool = False) -> list[str]:
             }, repeat=repeat, warmup=1)
             del new, old
             speeds = {name: 2 * n / med for name, (med, _) in results.items()}
-            for name, (med, times) in results.items():
+            for name, (_, times) in results.items():
                 lines.append(f"{label:>12}: {name:<28} {speeds[name]:7.1f} images/s  {fmt_times(times)}")
             ratio = speeds["albumentations+OpenCV"] / speeds["PIL+torchvision (previous)"]
             lines.append(f"ratio albumentations / previous ({label}): {ratio:.2f}x")

@@ -16,6 +16,7 @@ from brpg_lightning.train import run, train
 from tests.conftest import compose_cfg
 from tests.data.trees import cityscapes_tree, pascal_ids, pascal_tree
 
+
 def cli_error(capsys: pytest.CaptureFixture[str], tmp_path: Path, *overrides: str) -> str:
     """Run the training task on ``overrides``; assert exit status 2 and return the one ``error:`` line."""
     cfg = compose_cfg(*overrides, "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0",
