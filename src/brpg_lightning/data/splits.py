@@ -78,11 +78,34 @@ def read_list(path: Path, what: str, allow_empty: bool = False) -> list[str]:
     return lines
 
 
+class _Listing:
+    """File names per folder, each folder listed once (``os.scandir``): existence checks of 100k files cost
+    one directory read per folder instead of one ``stat`` per file."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, set[str]] = {}
+
+    def exists(self, path: Path | str | None) -> bool:
+        if path is None:
+            return False
+        parent, name = os.path.split(str(path))
+        names = self.folders.get(parent)
+        if names is None:
+            try:
+                with os.scandir(parent) as entries:
+                    names = {e.name for e in entries if not e.is_dir()}
+            except OSError:
+                names = set()
+            self.folders[parent] = names
+        return name in names
+
+
 def check_files(samples: Sequence[Sample], list_file: Path, masks: bool) -> None:
     """Every image (and mask when ``masks``) named by ``list_file`` exists; else count + first few."""
-    missing = [str(s.image) for s in samples if not os.path.isfile(s.image)]
+    listing = _Listing()
+    missing = [str(s.image) for s in samples if not listing.exists(s.image)]
     if masks:
-        missing += [str(s.mask) for s in samples if s.mask is None or not os.path.isfile(s.mask)]
+        missing += [str(s.mask) for s in samples if not listing.exists(s.mask)]
     if missing:
         raise BRPGInputError(
             f"split file '{list_file}' names {len(missing)} files that do not exist: {shown(missing, 3)}; "
@@ -120,8 +143,8 @@ def load_split(layout: Layout, split_dir: str | Path, split: str, need_unlabeled
         unlabeled = [layout.sample(ln) for ln in lines]
         check_files(unlabeled, files["unlabeled"], masks=False)
     else:  # COCO: every training image not in labeled.txt
-        named = {s.image for s in labeled}
-        unlabeled = [s for s in layout.train_images() if s.image not in named]
+        named = {str(s.image) for s in labeled}
+        unlabeled = [s for s in layout.train_images() if str(s.image) not in named]
         if need_unlabeled and not unlabeled:
             raise BRPGInputError(
                 f"no unlabeled images: every training image of '{layout.root}' is in '{files['labeled']}'"

@@ -59,9 +59,9 @@ def draw_split(layout: Layout, labeled: str, seed: int) -> tuple[list[str], list
         raise BRPGInputError(f"dataset root '{layout.root}' holds no labeled candidates; expected the layout {layout.tree}")
     count = labeled_count(str(labeled), len(pool))
     picked = np.random.default_rng(int(seed)).choice(len(pool), size=count, replace=False)
-    chosen = {pool[i].image for i in picked.tolist()}
+    chosen = {str(pool[i].image) for i in picked.tolist()}
     labeled_lines = sorted(layout.line(pool[i]) for i in picked.tolist())
-    unlabeled_lines = [layout.line(s) for s in layout.train_images() if s.image not in chosen]
+    unlabeled_lines = [layout.line(s) for s in layout.train_images() if str(s.image) not in chosen]
     val_lines = [layout.line(s) for s in layout.val_samples()]
     return labeled_lines, unlabeled_lines, val_lines
 

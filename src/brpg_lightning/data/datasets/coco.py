@@ -12,7 +12,7 @@ every ``train2017`` image that ``labeled.txt`` does not name is unlabeled.
 from __future__ import annotations
 
 from brpg_lightning.data.datasets.common import Sample
-from brpg_lightning.data.datasets.layout import Layout, files_in
+from brpg_lightning.data.datasets.layout import Layout, files_in, names_in
 from brpg_lightning.errors import BRPGInputError
 
 COCO_CLASSES: tuple[str, ...] = (
@@ -48,11 +48,14 @@ class CocoLayout(Layout):
         return f"{self.rel(sample.image)} {self.rel(sample.mask)}"
 
     def train_images(self) -> list[Sample]:
-        return [self.sample(self.rel(p)) for p in files_in(self.root / "train2017", (".jpg", ".jpeg", ".png"))]
+        """Every ``train2017`` image, as string paths (118k ``pathlib`` objects would cost seconds at start)."""
+        images, masks = str(self.root / "train2017"), str(self.root / "masks")
+        stems = (n.rpartition(".") for n in names_in(self.root / "train2017", (".jpg", ".jpeg", ".png")))
+        return [Sample(f"{images}/{stem}.{ext}", f"{masks}/{stem}.png", stem) for stem, _, ext in stems]
 
     def train_pool(self) -> list[Sample]:
-        masks = {p.stem for p in files_in(self.root / "masks", (".png",))}
-        return [s for s in self.train_images() if s.image.stem in masks]
+        masks = {n.rpartition(".")[0] for n in names_in(self.root / "masks", (".png",))}
+        return [s for s in self.train_images() if s.name in masks]
 
     def val_samples(self) -> list[Sample]:
         masks = {p.stem for p in files_in(self.root / "masks", (".png",))}

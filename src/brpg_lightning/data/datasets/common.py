@@ -157,10 +157,12 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One item: image file, mask file (None for unlabeled) and the name used in batches and messages."""
+    """One item: image file, mask file (None for unlabeled) and the name used in batches and messages.
 
-    image: Path
-    mask: Path | None
+    Paths may be plain strings where a layout lists very many files (COCO's unlabeled complement)."""
+
+    image: Path | str
+    mask: Path | str | None
     name: str
 
 

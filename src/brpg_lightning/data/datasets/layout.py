@@ -76,18 +76,27 @@ class Layout:
         """The validation set as the dataset ships it (make_split writes it as ``val.txt``)."""
         raise NotImplementedError
 
-    def rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+    def rel(self, path: Path | str) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+
+def names_in(folder: Path, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """Names of the non-hidden files with one of ``suffixes`` (any case) directly in ``folder``, sorted; []
+    if absent. Plain strings: COCO's 118k names take ~0.1 s this way, ``pathlib`` objects ~20x longer."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(
+                e.name for e in entries
+                if not e.name.startswith(".") and e.name[e.name.rfind("."):].lower() in suffixes and "." in e.name
+                and e.is_file()
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def files_in(folder: Path, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Non-hidden files with one of ``suffixes`` (any case) directly in ``folder``, sorted; [] if absent."""
-    if not folder.is_dir():
-        return []
-    return sorted(
-        Path(e.path) for e in os.scandir(folder)
-        if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in suffixes
-    )
+    """:func:`names_in` as paths."""
+    return [folder / name for name in names_in(folder, suffixes)]
 
 
 class FolderSplitLayout(Layout):
