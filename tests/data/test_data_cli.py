@@ -14,7 +14,7 @@ from PIL import Image
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.train import run, train
 from tests.conftest import compose_cfg
-from tests.data.trees import cityscapes_tree, pascal_ids, pascal_tree
+from tests.data.trees import cityscapes_tree, coco_tree, pascal_ids, pascal_tree
 
 
 def cli_error(capsys: pytest.CaptureFixture[str], tmp_path: Path, *overrides: str) -> str:
@@ -49,19 +49,31 @@ def test_cli_wrong_num_classes_is_named_before_training(tmp_path: Path, capsys: 
 
 
 @pytest.mark.slow
-def test_cityscapes_tree_trains_with_sliding_window_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root, _ = cityscapes_tree(tmp_path / "cs", size=(64, 96))
+@pytest.mark.parametrize("layout", ["cityscapes", "pascal", "coco"])
+def test_real_layout_trees_train(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str) -> None:
+    """``dataset=<layout> dataset.root=... dataset.split_dir=... split=...`` trains one tiny epoch and validates
+    with the preset's protocol (Cityscapes: sliding window; PASCAL/COCO: centre crop, shrunk to 32)."""
+    if layout == "cityscapes":
+        root, split = cityscapes_tree(tmp_path / "d", size=(64, 96))[0], "372"
+        extra = ["dataset.val_crop_size=64", "dataset.label_format=labelIds", "optim.lr_scaling=linear"]
+        protocol = "sliding window 64x64, stride 43"
+    elif layout == "pascal":
+        root, split = pascal_tree(tmp_path / "d")[0], "92"
+        extra, protocol = ["dataset.val_crop_size=32"], "center crop 32x32"
+    else:
+        root, split = coco_tree(tmp_path / "d"), "1_128"
+        extra, protocol = ["dataset.val_crop_size=32"], "center crop 32x32"
     cfg = compose_cfg(
-        "dataset=cityscapes", f"dataset.root={root}", f"dataset.split_dir={root / 'splits'}", "split=372",
+        f"dataset={layout}", f"dataset.root={root}", f"dataset.split_dir={root / 'splits'}", f"split={split}",
         "model=deeplabv3plus_small", "dataset.crop_size=32", "dataset.batch_size_labeled=2",
-        "dataset.batch_size_unlabeled=2", "dataset.num_workers=0", "dataset.val_crop_size=64",
-        "dataset.label_format=labelIds", "trainer.max_epochs=1", "trainer.accelerator=cpu", "brpg=none",
-        "callbacks.progress_bar.refresh_rate=0", "optim.lr_scaling=linear", output_dir=tmp_path / "run",
+        "dataset.batch_size_unlabeled=2", "dataset.num_workers=0", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+        "brpg=none", "callbacks.progress_bar.refresh_rate=0", *extra, output_dir=tmp_path / "run",
     )
     summary, objects = train(cfg)
     out = capsys.readouterr().out
-    assert "evaluation protocol (cityscapes): sliding window 64x64, stride 43" in out
-    assert "optim.lr_scaling=linear: backbone lr 0.005 -> 0.00125" in out  # 2 x 1 device / reference 8
-    assert objects["module"].eval_protocol["mode"] == "sliding"
+    assert f"evaluation protocol ({layout}): {protocol}" in out
+    if layout == "cityscapes":
+        assert "optim.lr_scaling=linear: backbone lr 0.005 -> 0.00125" in out  # 2 x 1 device / reference 8
+    assert objects["module"].eval_protocol["mode"] == cfg.dataset.val_mode
     assert 0.0 <= summary["final_mIoU"] <= 1.0 and 0.0 <= summary["best_mIoU"] <= 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_mIoU"] == summary["final_mIoU"]

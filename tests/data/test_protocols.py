@@ -150,6 +150,7 @@ def test_cityscapes_deeplab_pascal_and_coco_settings(tmp_path: Path) -> None:
     coco = resolved("dataset=coco", "split=1_64", tmp_path=tmp_path)
     assert (coco["trainer"]["max_epochs"], coco["dataset"]["val_crop_size"], coco["dataset"]["num_classes"]) == (30, 641, 81)
     assert (coco["optim"]["lr"], coco["dataset"]["crop_size"], coco["brpg"]["T_S2"]) == (0.001, 513, 2)
+    assert resolved("dataset=coco", tmp_path=tmp_path)["split"] == "1_32"  # not the YAML integer 132
 
 
 def test_linear_lr_scaling_with_the_total_batch() -> None:

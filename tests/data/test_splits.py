@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from brpg_lightning.data.datamodule import SemiSupervisedDataModule
+from brpg_lightning.data.splits import resolve_split_name
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.tools.make_split import main as make_split_main
 from brpg_lightning.tools.make_split import make_split
@@ -59,6 +60,13 @@ def test_split_dir_and_split_folder_and_files_must_exist(tmp_path: Path) -> None
     (root / "splits" / "92" / "labeled.txt").unlink()
     message = one_line(lambda: setup_fit(dm("pascal", root, "92")))
     assert f"split file '{root / 'splits' / '92' / 'labeled.txt'}' does not exist" in message
+
+
+def test_hydra_integer_reading_of_coco_split_names_maps_back(tmp_path: Path) -> None:
+    for name in ("1_128", "1_16", "372"):
+        (tmp_path / name).mkdir()
+    assert resolve_split_name(tmp_path, "1128") == "1_128"  # what Hydra makes of split=1_128
+    assert resolve_split_name(tmp_path, "372") == "372" and resolve_split_name(tmp_path, "999") == "999"
 
 
 def test_split_naming_absent_images_gives_count_and_examples(tmp_path: Path) -> None:

@@ -113,6 +113,17 @@ def check_files(samples: Sequence[Sample], list_file: Path, masks: bool) -> None
         )
 
 
+def resolve_split_name(split_dir: Path, split: str) -> str:
+    """The split folder name: ``split`` itself, or the one folder whose name without ``_`` is ``split``.
+
+    Hydra reads ``split=1_128`` (COCO's names) as the integer literal ``1128``; this maps it back.
+    """
+    if (split_dir / split).is_dir() or not split.isdigit():
+        return split
+    matches = [p.name for p in split_dir.iterdir() if p.is_dir() and p.name.replace("_", "") == split]
+    return matches[0] if len(matches) == 1 else split
+
+
 def load_split(layout: Layout, split_dir: str | Path, split: str, need_unlabeled: bool = True) -> SplitLists:
     """Read and check the lists of ``split`` (see the module docstring).
 
@@ -126,6 +137,7 @@ def load_split(layout: Layout, split_dir: str | Path, split: str, need_unlabeled
             f"dataset.split_dir '{split_dir}' does not exist; expected a split folder {SPLIT_TREE} "
             f"(the published lists, or tools.make_split's output)"
         )
+    split = resolve_split_name(split_dir, split)
     if not (split_dir / split).is_dir():
         names = sorted(p.name for p in split_dir.iterdir() if (p / "labeled.txt").is_file())
         raise BRPGInputError(
