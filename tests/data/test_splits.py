@@ -69,6 +69,12 @@ def test_hydra_integer_reading_of_coco_split_names_maps_back(tmp_path: Path) -> 
     assert resolve_split_name(tmp_path, "372") == "372" and resolve_split_name(tmp_path, "999") == "999"
 
 
+def test_folder_split_other_than_folder_needs_split_lists(folder_tree) -> None:
+    root = folder_tree()
+    message = one_line(lambda: SemiSupervisedDataModule("folder", str(root), 3, "10"))
+    assert "split=10 needs dataset.split_dir" in message
+
+
 def test_split_naming_absent_images_gives_count_and_examples(tmp_path: Path) -> None:
     root, _ = pascal_tree(tmp_path / "voc")
     lab, unl, _ = pascal_ids()

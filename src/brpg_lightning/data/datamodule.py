@@ -201,6 +201,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"dataset.split_dir is not set; the {self.layout_name} layout reads <split_dir>/{self.split}/labeled.txt "
                 f"(the published split folders, or tools.make_split's output)"
             )
+        if self.split_dir is None and synthetic is None and self.name != "synthetic" and self.split != "folder":
+            raise BRPGInputError(
+                f"split={self.split} needs dataset.split_dir (a folder with {self.split}/labeled.txt, see "
+                f"tools.make_split); split=folder reads the sub-folders of dataset.root"
+            )
         self.layout = make_layout(self.layout_name, self.root, mask_dir, label_format)
         if self.split_dir is not None:
             self.layout.check_root()  # a wrong root fails before any model is built
