@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m brpg_lightning.tools.<name>``."""
