@@ -22,7 +22,12 @@ from tests.conftest import TINY
 REPO = Path(__file__).resolve().parents[2]
 
 
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BRPG_CONF_DIR")}
+"""No PYTHONPATH: only the installed wheel may provide ``brpg_lightning``."""
+
+
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    kwargs.setdefault("env", CLEAN_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -58,8 +63,8 @@ def test_wheel_ships_configs_and_runs_from_another_directory(tmp_path: Path) -> 
 
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BRPG_CONF_DIR")}
-    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    env = dict(CLEAN_ENV)
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     where = _run([str(py), "-c", "import brpg_lightning.config as c; print(c.__file__); print(c.config_dir())"],
                  cwd=workdir, env=env).stdout.split()
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv))  # the installed copy, not the checkout

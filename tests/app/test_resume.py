@@ -76,7 +76,7 @@ def test_straight_and_resumed_runs_are_identical_and_deterministic(tmp_path: Pat
 def test_sigterm_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
     """SIGTERM to the CLI: it writes checkpoints/preempted.ckpt, exits 143; the checkpoint resumes to the end."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
     args = [*TINY, f"dataset.root={tmp_path / 'data'}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "brpg_lightning", *args, "trainer.max_epochs=40", f"hydra.run.dir={run_dir}"],

@@ -79,7 +79,7 @@ def test_table6_sweep_runs_and_collects(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [*TINY, "trainer.max_epochs=2", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
             f"dataset.root={tmp_path / 'data'}", "seed=0,1", f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, "-m", "brpg_lightning", "-m", "experiment=ablation/table6", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

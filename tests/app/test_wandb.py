@@ -19,14 +19,19 @@ SECRET = "sk-test-secret-4f1c2a9e8b7d6c5b4a3f2e1d0c9b8a7f"
 @pytest.mark.slow
 def test_wandb_offline_run_logs_the_dashboards(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", "WANDB_API_KEY": SECRET,
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "WANDB_API_KEY": SECRET,
            "WANDB_CONFIG_DIR": str(tmp_path / "wb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wb_cache"),
            "WANDB_DATA_DIR": str(tmp_path / "wb_data"), "WANDB_ARTIFACT_DIR": str(tmp_path / "wb_artifacts")}
     args = [*TINY, "logger=wandb", f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
-            "logger.wandb.log_model=true"]
+            "logger.wandb.log_model=true", "callbacks.progress_bar.refresh_rate=1"]
     proc = subprocess.run([sys.executable, "-m", "brpg_lightning", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # progress: one line per stage change (with the clustering time), the bar shows stage, losses and eta_t
+    out = proc.stdout + proc.stderr
+    for line in ("stage pretrain:", "stage sampling:", "clustering took"):
+        assert line in out, line
+    assert "stage=prototype" in out and "L_pro=" in out and "eta_t=" in out, out[-2000:]
     (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     wandb_cli = Path(sys.executable).parent / "wandb"
     dump = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(log_file)], env=env,
