@@ -44,8 +44,10 @@ def test_wandb_offline_run_logs_the_dashboards(tmp_path: Path) -> None:
     artifacts = []
     for rec in records:
         if rec["type"] == "history":
-            for key, value in rec["history"]["item"].items():
+            for key, value in rec["history"]["item"].items():  # media are flattened: "<key>.<field>"
                 history.setdefault(key, []).append(value)
+                if "." in key:
+                    history.setdefault(key.split(".")[0], []).append(value)
         elif rec["type"] == "config":
             config.update(rec["config"].get("update", {}))
         elif rec["type"] == "artifact":
@@ -61,6 +63,9 @@ def test_wandb_offline_run_logs_the_dashboards(tmp_path: Path) -> None:
     missing = [k for k in expected if k not in history]
     assert not missing, (missing, sorted(history))
     assert all(0.8 <= v <= 0.95 for v in history["brpg/eta_t"])  # Eq. (19) range
+    assert set(history["val/IoU_table._type"]) == {"table-file"} and set(history["val/IoU_table.nrows"]) == {7}
+    assert all(str(t).startswith("images") for t in history["val/examples._type"])
+    assert set(history["val/examples.count"]) == {4} and "all_masks" in str(records)
     assert config["run_config"]["brpg"]["T_S1"] == 1 and config["run_config"]["dataset"]["num_classes"] == 7
     assert any("model" in a.get("type", "") for a in artifacts)  # log_model=true: the checkpoint artifact
 
