@@ -69,7 +69,10 @@ def test_straight_and_resumed_runs_are_identical_and_deterministic(tmp_path: Pat
         resumed, rmodule, rbrpg = _run(tmp_path / f"resumed{epoch}", data, f"ckpt_path={ckpts[epoch]}")
         _assert_same_state(module, rmodule)
         assert torch.equal(brpg.prototypes, rbrpg.prototypes) and torch.equal(brpg.proto_mask, rbrpg.proto_mask)
-        assert resumed["metrics"] == straight["metrics"], epoch
+        # metrics of the final epoch (the resumed trainer never saw keys logged only in earlier epochs)
+        a, b = resumed["metrics"], straight["metrics"]
+        assert {"val/mIoU", "train/loss", "train/L_pro", "brpg/eta_t"} <= a.keys() <= b.keys()
+        assert {k: a[k] for k in a} == {k: b[k] for k in a}, epoch
 
 
 @pytest.mark.slow
