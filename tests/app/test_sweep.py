@@ -75,9 +75,9 @@ def test_ablation_settings_match_the_paper(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_table6_sweep_runs_and_collects(tmp_path: Path) -> None:
-    """Table 6 as a real multirun (5 rows x 2 seeds, 2 tiny epochs) and its collected table."""
+    """Table 6 as a real multirun (5 rows x 2 seeds, 3 tiny epochs: pretrain, sampling, prototype) and its collected table."""
     sweep = tmp_path / "sweep"
-    args = [*TINY, "trainer.max_epochs=2", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+    args = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
             f"dataset.root={tmp_path / 'data'}", "seed=0,1", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, "-m", "brpg_lightning", "-m", "experiment=ablation/table6", *args],
