@@ -56,6 +56,9 @@ def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> No
         r0, r1 = _load(ranks / f"rank0_epoch{epoch}.pt"), _load(ranks / f"rank1_epoch{epoch}.pt")
         assert r0["world_size"] == 2 and r0["batches"] == r1["batches"] == 3
         assert r0["val_mIoU"] is not None
+        # an epoch = one pass over the unlabeled set, split over the ranks: 24 unlabeled / (2 ranks x B_u 2)
+        # batches per rank, and as many labeled batches (TINY: 40 images, 16 labeled; split 16)
+        assert r0["loader_batches"] == r1["loader_batches"] == {"labeled": 6, "unlabeled": 6}
         _assert_equal(r0, r1, f"epoch{epoch}")  # banks / prototypes / thresholds / synced val mIoU
     sampling = _load(ranks / "rank0_epoch1.pt")
     assert int(sampling["bank_high"]["count"].sum()) + int(sampling["bank_low"]["count"].sum()) > 0

@@ -56,6 +56,7 @@ class RankStateDump(pl.Callback):
         state = brpg_state(cb) if cb is not None else {}
         state["batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
         state["world_size"] = int(trainer.world_size)
+        state["loader_batches"] = {k: len(v) for k, v in trainer.train_dataloader.items()}  # per rank, unlimited
         miou = trainer.callback_metrics.get("val/mIoU")
         state["val_mIoU"] = None if miou is None else float(miou)
         self._dump(trainer, f"epoch{trainer.current_epoch}", state)
