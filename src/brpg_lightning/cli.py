@@ -1,4 +1,4 @@
-"""Turning user-input errors into one line on stderr and a non-zero exit code."""
+"""Turning user-input errors into one line on stderr and a non-zero exit code; SIGTERM into exit 143."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ from typing import Any
 from brpg_lightning.errors import BRPGInputError
 
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143
+"""128 + SIGTERM: the run was pre-empted after writing ``checkpoints/preempted.ckpt``."""
 
 
 def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2."""
+    """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2.
+
+    Lightning's ``SIGTERMException`` (raised after a SIGTERM, once the pre-emption checkpoint is written)
+    prints one line and exits with :data:`EXIT_PREEMPTED`.
+    """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except SIGTERMException:
+            print("error: pre-empted (SIGTERM); see the log for the checkpoint to resume from", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is (caused by) bad input
             cause: BaseException | None = exc
             while cause is not None and not isinstance(cause, BRPGInputError):

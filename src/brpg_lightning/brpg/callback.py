@@ -176,8 +176,9 @@ class BRPGCallback(pl.Callback):
         if stage == "sampling":
             self.sample(ctx, pl_module)
         elif stage == "prototype":
-            if self.prototypes is None:
-                self.cluster(trainer, pl_module, ctx.global_step)
+            if self.prototypes is None:  # outside autocast: CPU bf16 autocast rejects float16 banks
+                with torch.autocast(pl_module.device.type, enabled=False):
+                    self.cluster(trainer, pl_module, ctx.global_step)
             self.prototype_step(ctx, pl_module)
 
     # ------------------------------------------------------------------ sampling (Eq. 8-9)

@@ -45,13 +45,18 @@ from brpg_lightning.errors import BRPGInputError
 
 
 class RepeatDataset(Dataset):
-    """``dataset`` repeated ``times`` times: item ``i`` is ``dataset[i % len(dataset)]``."""
+    """``dataset`` repeated ``times`` times: item ``i`` is ``dataset[i % len(dataset)]``.
 
-    def __init__(self, dataset: Dataset, times: int) -> None:
+    ``length`` (default ``times * len(dataset)``) cuts it to exactly the epoch's labeled items, so that
+    under DDP the ``DistributedSampler`` gives each rank as many labeled as unlabeled batches.
+    """
+
+    def __init__(self, dataset: Dataset, times: int, length: int | None = None) -> None:
         self.dataset, self.times, self.base_len = dataset, int(times), len(dataset)  # type: ignore[arg-type]
+        self.length = self.base_len * self.times if length is None else int(length)
 
     def __len__(self) -> int:
-        return self.base_len * self.times
+        return self.length
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index % self.base_len]
@@ -347,7 +352,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         iters = self.iterations_per_epoch
         if self.num_unlabeled_images:  # labeled cycles to exactly `iters` batches
             n_l, needed = len(self.labeled_set), iters * self.batch_size_labeled
-            repeated = RepeatDataset(self.labeled_set, math.ceil(needed / n_l))
+            repeated = RepeatDataset(self.labeled_set, math.ceil(needed / n_l), length=needed)
             sampler = CyclingRandomSampler(repeated, base_len=n_l, num_samples=needed)
             labeled = self._loader(repeated, self.batch_size_labeled, sampler=sampler, drop_last=True)
         else:

@@ -1,0 +1,109 @@
+"""Ablation experiments: every config composes with every setting; one sweep runs end to end and collects."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from brpg_lightning.config import config_dir
+from brpg_lightning.tools.collect import collect, main
+from tests.conftest import TINY, compose_cfg
+
+ABLATIONS = sorted(p.stem for p in (config_dir() / "experiment" / "ablation").glob("*.yaml"))
+
+
+def _sweep_params(name: str) -> dict[str, str]:
+    cfg = OmegaConf.load(config_dir() / "experiment" / "ablation" / f"{name}.yaml")
+    return {str(k): str(v) for k, v in cfg.hydra.sweeper.params.items()}
+
+
+def test_the_paper_ablations_exist() -> None:
+    expected = {"table6", "table7", "table8", "table9", "fig7", "fig8", "a11_sample_num", "a12_V", "a13_eta_t",
+                "a14_n_add"}
+    assert expected <= set(ABLATIONS)
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_every_setting_of_every_ablation_composes(name: str, tmp_path: Path) -> None:
+    """Each sweep point (seeds aside) composes, resolves and differs from the others where it should."""
+    params = _sweep_params(name)
+    assert params.pop("seed") == "0,1,2"  # seeds are a sweep axis
+    assert params, f"{name} sweeps nothing but seeds"
+    for key, values in params.items():
+        seen = []
+        for value in values.split(","):
+            cfg = compose_cfg(f"experiment=ablation/{name}", f"{key}={value}", output_dir=tmp_path)
+            OmegaConf.resolve(cfg)
+            assert cfg.task_name == f"ablation_{name}"
+            if "@" in key:  # a settings group: the chosen file names itself
+                assert cfg.setting == value
+            else:
+                assert str(OmegaConf.select(cfg, key)) == value
+            seen.append(OmegaConf.to_yaml({k: cfg[k] for k in ("method", "brpg")}))
+        assert len(set(seen)) == len(seen), f"{name}: two settings of {key} compose to the same method/brpg config"
+
+
+def test_ablation_settings_match_the_paper(tmp_path: Path) -> None:
+    def setting(name: str, option: str):
+        return compose_cfg(f"experiment=ablation/{name}", f"experiment/ablation/{name}@_global_={option}",
+                           output_dir=tmp_path)
+
+    rows = {o: setting("table6", o) for o in ("I_sup_only", "II_unsup", "III_plain", "IV_cpg", "V_apo")}
+    assert rows["I_sup_only"].method._target_.endswith("Supervised") and rows["I_sup_only"].brpg.name == "none"
+    assert rows["II_unsup"].method._target_.endswith("MeanTeacher") and rows["II_unsup"].brpg.name == "none"
+    assert (rows["III_plain"].brpg.banks, rows["III_plain"].brpg.apo) == ("plain", False)
+    assert (rows["IV_cpg"].brpg.banks, rows["IV_cpg"].brpg.apo) == ("confidence", False)
+    assert (rows["V_apo"].brpg.banks, rows["V_apo"].brpg.apo) == ("confidence", True)
+    ema = setting("table8", "ema_0.7_0.9").brpg
+    assert (ema.eta_s, ema.class_thresholds, ema.threshold_low, ema.threshold_high, ema.threshold_decay) == (
+        0.8, True, 0.7, 0.9, 0.999)
+    r = setting("table7", "r1_11").brpg
+    assert (r.T_S1, r.T_S2) == (1, 11)
+    fixed, linear = setting("a13_eta_t", "fixed_0.85").brpg, setting("a13_eta_t", "linear_0.8_0.95").brpg
+    assert (fixed.eta_0, fixed.eta_e, linear.eta_0, linear.eta_e) == (0.85, 0.85, 0.8, 0.95)
+    rand, cpg = setting("fig7", "random_n3").brpg, setting("fig7", "cpg_n3").brpg
+    assert (rand.banks, rand.n0_h + rand.n0_lw, rand.apo) == ("plain", 3, False)
+    assert (cpg.banks, cpg.n0_h, cpg.n0_lw, cpg.apo) == ("confidence", 3, 3, False)
+
+
+@pytest.mark.slow
+def test_table6_sweep_runs_and_collects(tmp_path: Path) -> None:
+    """Table 6 as a real multirun (5 rows x 2 seeds, 3 tiny epochs: pretrain, sampling, prototype) and its collected table."""
+    sweep = tmp_path / "sweep"
+    args = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            f"dataset.root={tmp_path / 'data'}", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, "-m", "brpg_lightning", "-m", "experiment=ablation/table6", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(list(sweep.glob("*/metrics.json"))) == 10
+
+    header, rows = collect(sweep, per_class=True)
+    assert [r[0] for r in rows] == ["I_sup_only", "II_unsup", "III_plain", "IV_cpg", "V_apo"]
+    assert all(r[1] == "2" for r in rows) and len(header) == 3 + 7  # 7 synthetic classes
+    # independent recomputation of one cell from the job folders
+    import json
+
+    values = []
+    for job in sweep.iterdir():
+        over = (job / ".hydra" / "overrides.yaml").read_text() if (job / ".hydra").is_dir() else ""
+        if "=IV_cpg" in over:
+            values.append(100 * json.loads((job / "metrics.json").read_text())["final_mIoU"])
+    assert rows[3][2] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    assert main([str(sweep)]) == 0
+    with (sweep / "summary.csv").open() as fh:
+        table = list(csv.reader(fh))
+    assert table[0][:3] == ["setting", "n", "final_mIoU (%)"] and len(table) == 6
+
+
+def test_collect_rejects_a_folder_without_jobs(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
