@@ -118,6 +118,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise BRPGInputError(f"format={fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise BRPGInputError(
+                f"format=onnx needs the 'export' extra ({exc.name} is missing): pip install -e '.[export]'"
+            ) from exc
     ckpt_path = Path(cfg.ckpt_path)
     net, meta = load_for_inference(ckpt_path)
     output = Path(cfg.output) if cfg.get("output") else ckpt_path.with_suffix(FORMATS[fmt])
