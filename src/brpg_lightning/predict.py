@@ -46,14 +46,18 @@ DEFAULT_WINDOW = 1024
 """Window side when the checkpoint's protocol is not a sliding window: larger images go window by window."""
 
 
-def list_images(path: str | Path) -> list[Path]:
-    """The image files at ``path`` (one file, or a folder searched recursively), sorted; one-line errors."""
+def list_images(path: str | Path, exclude: Path | None = None) -> list[Path]:
+    """The image files at ``path`` (one file, or a folder searched recursively, ``exclude`` left out), sorted."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise BRPGInputError(f"input={path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    skip = exclude.resolve() if exclude is not None else None
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not (skip and p.resolve().is_relative_to(skip))
+    )
     if not files:
         raise BRPGInputError(f"input={path}: no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
     return files
@@ -129,7 +133,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     net, meta = load_for_inference(cfg.ckpt_path)
     input_root, output = Path(cfg.input), Path(cfg.output)
-    images = list_images(input_root)
+    images = list_images(input_root, exclude=output)  # an output folder inside the input is not read
     plans = {p: output_paths(p, input_root, output) for p in images}
     if output.exists() and not output.is_dir():
         raise BRPGInputError(f"output={output}: exists and is not a folder")
