@@ -131,16 +131,16 @@ def test_existing_outputs_are_kept_unless_overwrite(tiny_run, tmp_path: Path, ca
     inp = tmp_path / "in"
     inp.mkdir()
     Image.fromarray(np.full((24, 24, 3), 10, np.uint8)).save(inp / "x.png")
-    out = tmp_path / "out"
+    out = inp / "out"  # inside the input: its files must not be read as inputs
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "other.png").write_bytes(b"keep me")
-    run(predict_cfg(tiny_run["last"], inp, out))  # added next to an unrelated file
+    assert run(predict_cfg(tiny_run["last"], inp, out)) == 1  # added next to an unrelated file
     assert (out / "masks" / "other.png").read_bytes() == b"keep me" and (out / "masks" / "x.png").is_file()
     (out / "color" / "x.png").write_bytes(b"old")
     line = _exit_line(run, predict_cfg(tiny_run["last"], inp, out), capsys)
     assert str(out) in line and "color/x.png" in line and "overwrite=true" in line
     assert (out / "color" / "x.png").read_bytes() == b"old"
-    run(predict_cfg(tiny_run["last"], inp, out, "overwrite=true"))
+    assert run(predict_cfg(tiny_run["last"], inp, out, "overwrite=true")) == 1
     assert Image.open(out / "color" / "x.png").size == (24, 24)
 
 
