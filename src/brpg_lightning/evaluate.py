@@ -35,7 +35,8 @@ __all__ = ["evaluate", "report", "write_report", "load_checkpoint", "run", "main
 def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in."""
     run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
-    overrides = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") else {}
+    overrides = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False) if cfg.get("dataset") else {}
+    overrides = {k: v for k, v in overrides.items() if v != "???"}  # a preset's mandatory keys keep stored values
     if "_target_" not in overrides:  # no preset chosen: only the keys given on the command line
         overrides = {k: v for k, v in overrides.items() if v is not None}
     with open_dict(run_cfg):

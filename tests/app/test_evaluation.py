@@ -87,3 +87,35 @@ def test_evaluate_report_matches_the_metric_logged_during_validation(tiny_run, t
             and not ln.startswith("| class")}
     assert rows.pop("**mIoU**") == round(logged["val/mIoU"], 4)
     assert rows == {n: round(logged[f"val/IoU/{n}"], 4) for n in names}
+
+
+@pytest.mark.slow
+def test_evaluate_dataset_overrides_change_the_protocol(tiny_run, tmp_path) -> None:
+    """``dataset.val_mode=center_crop dataset.val_crop_size=32`` evaluates 32 px centre crops: same mIoU as a
+    brute-force confusion matrix over the centre crops of the val images."""
+    import json
+
+    from PIL import Image
+
+    from brpg_lightning.evaluate import run
+    from tests.app.test_predict import normalised, reference_module
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(f"ckpt_path={tiny_run['last']}", "trainer.accelerator=cpu", f"report_dir={tmp_path}",
+                      "dataset.val_mode=center_crop", "dataset.val_crop_size=32", config_name="evaluate")
+    miou = run(cfg)
+    report = json.loads((tmp_path / "last.eval.json").read_text())
+    assert report["dataset"]["val_mode"] == "center_crop"
+    module = reference_module(tiny_run["last"])
+    val = tiny_run["data_root"] / "val"
+    preds, targets = [], []
+    for path in sorted((val / "images").iterdir()):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        mask = np.asarray(Image.open(val / "masks" / (path.stem + ".png")))
+        y0, x0 = (image.shape[0] - 32) // 2, (image.shape[1] - 32) // 2
+        crop = image[y0 : y0 + 32, x0 : x0 + 32]
+        with torch.no_grad():
+            preds.append(module.predict_logits(normalised(crop), (32, 32)).argmax(1)[0].numpy())
+        targets.append(mask[y0 : y0 + 32, x0 : x0 + 32])
+    ref, _ = _reference_miou(np.stack(preds), np.stack(targets).astype(np.int64), 7)
+    assert abs(miou - ref) < 1e-5
