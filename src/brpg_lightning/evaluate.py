@@ -1,48 +1,69 @@
-"""``python -m brpg_lightning.evaluate ckpt_path=PATH [dataset.<key>=VALUE ...]``: mIoU of a checkpoint.
+"""``python -m brpg_lightning.evaluate ckpt_path=PATH [dataset=PRESET] [split=NAME] [dataset.<key>=VALUE ...]``.
 
 The run's configuration travels inside the checkpoint (``hyper_parameters.run_config``), so the model,
-method and dataset are rebuilt exactly; ``dataset.*`` entries given on the command line override the
-stored ones (another root, another evaluation protocol). Evaluates the method's ``eval_model``: the
-teacher's classification head for mean teacher (paper Sec. 4.1.6).
+method and dataset are rebuilt exactly and validated with the dataset's own protocol (``trainer.validate``:
+the same ``validation_step`` as during training). ``dataset=PRESET`` (a ``conf/dataset`` option) and
+``dataset.*`` entries given on the command line override the stored dataset (another root, another
+evaluation protocol); ``split=NAME`` the stored split. Evaluates the method's ``eval_model``: the teacher's
+classification head for mean teacher (paper Sec. 4.1.6).
+
+Prints the mIoU and a per-class IoU table, and writes both next to the checkpoint as
+``<checkpoint stem>.eval.json`` and ``<checkpoint stem>.eval.md`` (``report_dir`` puts them elsewhere,
+``report=false`` skips them).
 """
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from brpg_lightning.checkpoint import load_checkpoint
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
 
 register_resolvers()
 
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(..., weights_only=True)`` with a one-line error for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BRPGInputError(f"ckpt_path={path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "run_config" not in ckpt.get("hyper_parameters", {}):
-        raise BRPGInputError(f"ckpt_path={path}: not a brpg-lightning checkpoint (no hyper_parameters.run_config)")
-    return ckpt
+__all__ = ["evaluate", "report", "write_report", "load_checkpoint", "run", "main"]
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Rebuild the run from the checkpoint and validate it; returns ``{"val/mIoU": ..., "val/IoU/<class>": ...}``."""
+def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
+    """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in."""
+    run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
+    overrides = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False) if cfg.get("dataset") else {}
+    overrides = {k: v for k, v in overrides.items() if v != "???"}  # a preset's mandatory keys keep stored values
+    if "_target_" not in overrides:  # no preset chosen: only the keys given on the command line
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+    with open_dict(run_cfg):
+        if cfg.get("split") is not None:
+            run_cfg.split = cfg.split
+            run_cfg.dataset.split = cfg.split
+        if overrides:
+            run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, overrides)
+    stored = int(ckpt["hyper_parameters"]["run_config"]["model"]["num_classes"])
+    if int(run_cfg.dataset.num_classes) != stored:
+        raise BRPGInputError(
+            f"dataset.num_classes={run_cfg.dataset.num_classes} but the checkpoint's model has {stored} classes"
+        )
+    return run_cfg
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild the run from the checkpoint and validate it.
+
+    Returns ``{"val/mIoU": ..., "val/IoU/<class>": ..., ...}`` as logged by ``validation_step``.
+    """
     import pytorch_lightning as pl
 
     from brpg_lightning.train import build_datamodule, build_module
 
     ckpt = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
-    if cfg.get("dataset"):
-        run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
+    run_cfg = run_config_for(cfg, ckpt)
     datamodule = build_datamodule(run_cfg)
     module = build_module(run_cfg, class_names=datamodule.class_names)
     module.load_state_dict(ckpt["state_dict"])
@@ -51,15 +72,69 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     datamodule.prepare_data()
     results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    return {k: float(v) for k, v in results.items()}
+    out: dict[str, Any] = {k: float(v) for k, v in results.items()}
+    out["_dataset"] = {
+        "name": str(run_cfg.dataset.get("name")), "root": str(run_cfg.dataset.get("root")),
+        "split": str(run_cfg.get("split")), "val_mode": str(run_cfg.dataset.get("val_mode")),
+        "val_images": len(datamodule.val_set) if datamodule.val_set is not None else None,
+    }
+    out["_class_names"] = list(datamodule.class_names)
+    return out
+
+
+def report(results: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
+    """The report: checkpoint, dataset, ``mIoU`` and ``per_class`` ``[{"class", "IoU"}]`` in class order."""
+    names = results["_class_names"]
+    return {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": results["_dataset"],
+        "metric": "dataset-level IoU, ignore index 255 (torchmetrics MulticlassJaccardIndex)",
+        "mIoU": results["val/mIoU"],
+        "per_class": [{"class": n, "IoU": results.get(f"val/IoU/{n}", float("nan"))} for n in names],
+    }
+
+
+def markdown_table(rep: dict[str, Any]) -> str:
+    """The report as markdown: a header line and a ``| class | IoU |`` table ending with the mIoU row."""
+    ds = rep["dataset"]
+    lines = [
+        f"# Evaluation of `{Path(rep['checkpoint']).name}`",
+        "",
+        f"Dataset `{ds['name']}` (split {ds['split']}, {ds['val_images']} val images, protocol `{ds['val_mode']}`), "
+        f"root `{ds['root']}`; {rep['metric']}.",
+        "",
+        "| class | IoU |",
+        "|---|---|",
+        *(f"| {row['class']} | {row['IoU']:.4f} |" for row in rep["per_class"]),
+        f"| **mIoU** | **{rep['mIoU']:.4f}** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(rep: dict[str, Any], ckpt_path: str | Path, report_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """``<stem>.eval.json`` and ``<stem>.eval.md`` in ``report_dir`` (default: the checkpoint's folder)."""
+    ckpt_path = Path(ckpt_path)
+    folder = Path(report_dir) if report_dir else ckpt_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{ckpt_path.stem}.eval.json", folder / f"{ckpt_path.stem}.eval.md"
+    json_path.write_text(json.dumps(rep, indent=2))
+    md_path.write_text(markdown_table(rep))
+    return json_path, md_path
 
 
 def run(cfg: DictConfig) -> float:
     results = evaluate(cfg)
-    for key in sorted(k for k in results if k.startswith("val/IoU/")):
-        print(f"{key[len('val/IoU/'):]:>20s}  {results[key]:.4f}")
-    print(f"val/mIoU = {results['val/mIoU']:.4f} ({cfg.ckpt_path})", flush=True)
-    return results["val/mIoU"]
+    rep = report(results, cfg.ckpt_path)
+    width = max(len(row["class"]) for row in rep["per_class"])
+    for row in rep["per_class"]:
+        print(f"{row['class']:>{width}s}  {row['IoU']:.4f}")
+    if cfg.get("report", True):
+        json_path, md_path = write_report(rep, cfg.ckpt_path, cfg.get("report_dir"))
+        print(f"report: {json_path} {md_path}")
+    print(f"val/mIoU = {rep['mIoU']:.4f} ({cfg.ckpt_path})", flush=True)
+    return rep["mIoU"]
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -59,3 +60,62 @@ def test_validation_miou_matches_brute_force_over_batches() -> None:
     per_class = module.val_iou.compute().numpy()
     present = ~np.isnan(ref_iou)
     np.testing.assert_allclose(per_class[present], ref_iou[present], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_report_matches_the_metric_logged_during_validation(tiny_run, tmp_path) -> None:
+    """``evaluate`` on the last checkpoint reproduces the run's last ``val/mIoU`` and per-class IoU, and its
+    JSON and markdown reports hold the same numbers."""
+    import json
+
+    from brpg_lightning.evaluate import run
+    from tests.conftest import compose_cfg
+
+    logged = tiny_run["summary"]["metrics"]
+    cfg = compose_cfg(f"ckpt_path={tiny_run['last']}", "trainer.accelerator=cpu", f"report_dir={tmp_path}",
+                      config_name="evaluate")
+    miou = run(cfg)
+    assert abs(miou - logged["val/mIoU"]) < 1e-5
+    report = json.loads((tmp_path / "last.eval.json").read_text())
+    assert abs(report["mIoU"] - logged["val/mIoU"]) < 1e-5
+    names = [row["class"] for row in report["per_class"]]
+    assert names == ["background", "disc", "square", "triangle", "ring", "cross", "bar"]
+    for row in report["per_class"]:
+        assert abs(row["IoU"] - logged[f"val/IoU/{row['class']}"]) < 1e-5
+    table = (tmp_path / "last.eval.md").read_text().splitlines()
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2].strip(" *")) for ln in table if ln.startswith("| ")
+            and not ln.startswith("| class")}
+    assert rows.pop("**mIoU**") == round(logged["val/mIoU"], 4)
+    assert rows == {n: round(logged[f"val/IoU/{n}"], 4) for n in names}
+
+
+@pytest.mark.slow
+def test_evaluate_dataset_overrides_change_the_protocol(tiny_run, tmp_path) -> None:
+    """``dataset.val_mode=center_crop dataset.val_crop_size=32`` evaluates 32 px centre crops: same mIoU as a
+    brute-force confusion matrix over the centre crops of the val images."""
+    import json
+
+    from PIL import Image
+
+    from brpg_lightning.evaluate import run
+    from tests.app.test_predict import normalised, reference_module
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(f"ckpt_path={tiny_run['last']}", "trainer.accelerator=cpu", f"report_dir={tmp_path}",
+                      "dataset.val_mode=center_crop", "dataset.val_crop_size=32", config_name="evaluate")
+    miou = run(cfg)
+    report = json.loads((tmp_path / "last.eval.json").read_text())
+    assert report["dataset"]["val_mode"] == "center_crop"
+    module = reference_module(tiny_run["last"])
+    val = tiny_run["data_root"] / "val"
+    preds, targets = [], []
+    for path in sorted((val / "images").iterdir()):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        mask = np.asarray(Image.open(val / "masks" / (path.stem + ".png")))
+        y0, x0 = (image.shape[0] - 32) // 2, (image.shape[1] - 32) // 2
+        crop = image[y0 : y0 + 32, x0 : x0 + 32]
+        with torch.no_grad():
+            preds.append(module.predict_logits(normalised(crop), (32, 32)).argmax(1)[0].numpy())
+        targets.append(mask[y0 : y0 + 32, x0 : x0 + 32])
+    ref, _ = _reference_miou(np.stack(preds), np.stack(targets).astype(np.int64), 7)
+    assert abs(miou - ref) < 1e-5

@@ -229,5 +229,17 @@ class SegmentationModule(pl.LightningModule):
 
     test_step = validation_step
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the ``inference`` block (class names, palette, normalisation, model config, which weights are
+        evaluated) so ``predict`` and ``export`` need no dataset; see :mod:`brpg_lightning.checkpoint`."""
+        run_config = self.hparams.get("run_config")
+        if not run_config or "model" not in run_config:
+            return
+        from brpg_lightning.checkpoint import inference_metadata
+
+        prefix = next(name for name, m in self.named_modules() if m is self.eval_model)
+        checkpoint["inference"] = inference_metadata(run_config, self.class_names, f"{prefix}." if prefix else "")
+
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()

@@ -1,0 +1,197 @@
+"""What a checkpoint carries for inference, and the network ``predict`` and ``export`` run from it.
+
+Every checkpoint written by a method (``methods.base.SegmentationModule.on_save_checkpoint``) holds an
+``inference`` block next to Lightning's state::
+
+    {"version": 1, "class_names": [...], "palette": [[r, g, b], ...], "normalization": {"mean", "std"},
+     "model": {...the run's resolved model config...}, "eval_prefix": "teacher.module.",
+     "ignore_index": 255, "protocol": {"val_mode", "val_crop_size", "crop_size"}, "package_version": "..."}
+
+so that ``python -m brpg_lightning.predict`` and ``python -m brpg_lightning.export`` rebuild the evaluated
+network (the teacher for mean teacher) and colour its output with no dataset on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from brpg_lightning.errors import BRPGInputError
+
+INFERENCE_VERSION = 1
+"""Version of the ``inference`` block; a reader refuses any other."""
+
+INFERENCE_KEYS = ("version", "class_names", "palette", "normalization", "model", "eval_prefix")
+"""Keys an ``inference`` block must hold."""
+
+CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+"""Official Cityscapes colours of the 19 train ids (cityscapesScripts ``labels.py``), road ... bicycle."""
+
+
+def voc_palette(num_classes: int) -> list[list[int]]:
+    """PASCAL VOC's colour map (the devkit's bit-interleaving rule), extended to any ``num_classes <= 256``.
+
+    Class ``i``'s bits ``(b2 b1 b0)`` go, three at a time, into the high bits of ``(B, G, R)``; it is the
+    palette of VOC's ``SegmentationClass`` PNGs for the 21 classes and a deterministic palette for others.
+
+    >>> voc_palette(21)[1], voc_palette(21)[15], voc_palette(21)[20]
+    ([128, 0, 0], [192, 128, 128], [0, 64, 128])
+    """
+    if not 1 <= num_classes <= 256:
+        raise BRPGInputError(f"num_classes={num_classes}; a palette holds 1 to 256 classes")
+    palette = []
+    for i in range(num_classes):
+        c, rgb = i, [0, 0, 0]
+        for j in range(8):
+            for k in range(3):
+                rgb[k] |= ((c >> k) & 1) << (7 - j)
+            c >>= 3
+        palette.append(rgb)
+    return palette
+
+
+def dataset_palette(dataset_cfg: Mapping[str, Any], num_classes: int) -> list[list[int]]:
+    """``dataset.palette`` when the run config has one, Cityscapes' colours for its 19 classes, else VOC's rule."""
+    given = dataset_cfg.get("palette")
+    if given is not None:
+        palette = [[int(v) for v in colour] for colour in given]
+        if len(palette) != num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
+            raise BRPGInputError(
+                f"dataset.palette has {len(palette)} entries; expected {num_classes} [r, g, b] triples in 0..255"
+            )
+        return palette
+    if str(dataset_cfg.get("name", "")).lower() == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
+        return [list(c) for c in CITYSCAPES_PALETTE]
+    return voc_palette(num_classes)
+
+
+def inference_metadata(run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str) -> dict[str, Any]:
+    """The ``inference`` block for a run: see the module docstring."""
+    from brpg_lightning import __version__
+
+    dataset = dict(run_config.get("dataset") or {})
+    model = dict(run_config["model"])
+    num_classes = int(model.get("num_classes", len(class_names)))
+    return {
+        "version": INFERENCE_VERSION,
+        "package_version": __version__,
+        "class_names": [str(c) for c in class_names],
+        "palette": dataset_palette(dataset, num_classes),
+        "normalization": {
+            "mean": [float(v) for v in dataset.get("mean") or IMAGENET_MEAN],
+            "std": [float(v) for v in dataset.get("std") or IMAGENET_STD],
+            "scale": 255.0,
+        },
+        "model": model,
+        "eval_prefix": eval_prefix,
+        "ignore_index": IGNORE_INDEX,
+        "protocol": {
+            "val_mode": dataset.get("val_mode"),
+            "val_crop_size": dataset.get("val_crop_size"),
+            "crop_size": dataset.get("crop_size"),
+        },
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BRPGInputError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input here
+        raise BRPGInputError(f"ckpt_path={path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or "run_config" not in ckpt.get("hyper_parameters", {}):
+        raise BRPGInputError(f"ckpt_path={path}: not a brpg-lightning checkpoint (no hyper_parameters.run_config)")
+    return ckpt
+
+
+def read_inference(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``inference`` block, checked; one-line errors say what is missing or which version."""
+    meta = ckpt.get("inference")
+    if meta is None:
+        raise BRPGInputError(
+            f"ckpt_path={path}: no 'inference' metadata (class names, palette, normalisation, model config); "
+            f"it was written before brpg-lightning stored it; retrain, or resume it for one step to re-save it"
+        )
+    missing = [k for k in INFERENCE_KEYS if k not in meta]
+    if missing:
+        raise BRPGInputError(f"ckpt_path={path}: 'inference' metadata lacks {', '.join(missing)}")
+    if meta["version"] != INFERENCE_VERSION:
+        raise BRPGInputError(
+            f"ckpt_path={path}: inference metadata version {meta['version']!r} "
+            f"(package {meta.get('package_version', '?')}); this brpg-lightning reads version {INFERENCE_VERSION}"
+        )
+    return dict(meta)
+
+
+class ClassificationPath(nn.Module):
+    """Encoder, decoder and classification head of a segmentor, logits at the input size: what is exported.
+
+    ``forward(x)``: normalised images ``(B, 3, H, W)``, any ``H, W`` -> logits ``(B, C, H, W)``. Pads
+    bottom/right to the segmentor's ``pad_multiple`` (always, with a possibly zero amount, so a traced or
+    exported graph stays valid for every size), runs ``E``, the decoder and ``F`` (the feature head ``G`` is
+    training-only) and upsamples by the decoder stride as ``models.output.resize_to_input`` does. Equal to
+    ``resize_to_input(segmentor(x).logits, (H, W), stride)``.
+    """
+
+    def __init__(self, segmentor: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.classifier = segmentor.encoder, segmentor.decoder, segmentor.classifier
+        self.pad_multiple, self.stride = int(segmentor.pad_multiple), int(segmentor.stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        m = self.pad_multiple
+        x = F.pad(x, (0, (m - width % m) % m, 0, (m - height % m) % m))
+        logits = self.classifier(self.decoder(self.encoder(x)))
+        logits = F.interpolate(logits, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        return logits[..., :height, :width]
+
+
+def build_eval_network(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: str | Path) -> nn.Module:
+    """The evaluated segmentor (eval mode, CPU) from the checkpoint's model config and weights; no download."""
+    from hydra.utils import instantiate
+
+    model_cfg = dict(meta["model"])
+    model_cfg.update(encoder_weights=None)  # weights come from the checkpoint, never from a hub
+    if "weights_path" in model_cfg:
+        model_cfg["weights_path"] = None
+    segmentor = instantiate(model_cfg, _convert_="all")
+    prefix = str(meta["eval_prefix"])
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise BRPGInputError(f"ckpt_path={path}: no weights under '{prefix}' in state_dict")
+    missing, unexpected = segmentor.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BRPGInputError(
+            f"ckpt_path={path}: weights under '{prefix}' do not fit the stored model config "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    return segmentor.eval()
+
+
+def load_for_inference(path: str | Path) -> tuple[ClassificationPath, dict[str, Any]]:
+    """``(ClassificationPath in eval mode, inference metadata)`` from a checkpoint file."""
+    ckpt = load_checkpoint(path)
+    meta = read_inference(ckpt, path)
+    return ClassificationPath(build_eval_network(ckpt, meta, path)).eval(), meta
+
+
+def normalize(images: Tensor, meta: Mapping[str, Any]) -> Tensor:
+    """uint8-range ``(B, 3, H, W)`` -> the training normalisation stored in ``meta``."""
+    norm = meta["normalization"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1) * float(norm.get("scale", 255.0))
+    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1) * float(norm.get("scale", 255.0))
+    return (images.float() - mean) / std

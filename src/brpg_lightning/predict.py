@@ -1,0 +1,216 @@
+"""``python -m brpg_lightning.predict ckpt_path=FILE input=IMAGE_OR_FOLDER output=FOLDER``: masks for new images.
+
+Runs the checkpoint's evaluated network (the teacher for mean teacher) on every image under ``input``
+(recursively; ``.png .jpg .jpeg .bmp .tif .tiff .webp``) and writes, mirroring the input's sub-folders:
+
+* ``<output>/masks/<name>.png``: class ids (8-bit grey), the format the dataset readers take as masks;
+* ``<output>/color/<name>.png``: the same ids as a palette PNG coloured with the checkpoint's palette;
+* ``<output>/overlay/<name>.png``: the image blended with the colours (``overlay_alpha``).
+
+Every output keeps its input's size. Images of one size go through the network in batches of ``batch_size``;
+an image with a side longer than the window goes window by window (``models.inference.sliding_window_logits``,
+overlapping logits averaged). Everything comes from the checkpoint's ``inference`` block
+(:mod:`brpg_lightning.checkpoint`); no dataset is read. Existing files in ``output`` are never replaced unless
+``overwrite=true``. An unreadable file is skipped with a warning naming it; the run then ends with exit status
+2 listing the skipped files.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor, nn
+
+from brpg_lightning.checkpoint import load_for_inference, normalize
+from brpg_lightning.cli import exit_on_bad_input
+from brpg_lightning.config import config_dir, register_resolvers
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import sliding_window_logits
+
+register_resolvers()
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+OUTPUT_KINDS = ("masks", "color", "overlay")
+DEFAULT_WINDOW = 1024
+"""Window side when the checkpoint's protocol is not a sliding window: larger images go window by window."""
+
+
+def list_images(path: str | Path, exclude: Path | None = None) -> list[Path]:
+    """The image files at ``path`` (one file, or a folder searched recursively, ``exclude`` left out), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise BRPGInputError(f"input={path}: no such file or folder")
+    skip = exclude.resolve() if exclude is not None else None
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not (skip and p.resolve().is_relative_to(skip))
+    )
+    if not files:
+        raise BRPGInputError(f"input={path}: no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def output_paths(image: Path, input_root: Path, output: Path) -> dict[str, Path]:
+    """``{"masks": ..., "color": ..., "overlay": ...}`` for one input, mirroring its place under ``input_root``."""
+    rel = image.relative_to(input_root) if input_root.is_dir() else Path(image.name)
+    return {kind: output / kind / rel.with_suffix(".png") for kind in OUTPUT_KINDS}
+
+
+def window_side(meta: Mapping[str, Any], window_size: int | None) -> int:
+    """The sliding-window side: ``window_size``, else the checkpoint's sliding protocol crop, else 1024."""
+    if window_size is not None:
+        if int(window_size) < 1:
+            raise BRPGInputError(f"window_size={window_size}; expected an integer >= 1 or null")
+        return int(window_size)
+    protocol = meta.get("protocol") or {}
+    if "slid" in str(protocol.get("val_mode") or "") and protocol.get("val_crop_size"):
+        return int(protocol["val_crop_size"])
+    return DEFAULT_WINDOW
+
+
+@torch.no_grad()
+def predict_logits(
+    net: nn.Module, meta: Mapping[str, Any], images: np.ndarray | Tensor, window: int = DEFAULT_WINDOW,
+    stride: int | None = None,
+) -> Tensor:
+    """Logits ``(B, C, H, W)`` for uint8 RGB images ``(B, H, W, 3)`` of one size (sliding window past ``window``)."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+    x = normalize(x, meta).to(next(net.parameters()).device)
+    if max(x.shape[-2:]) > window:
+        return sliding_window_logits(net, x, window, stride)
+    return net(x).float()
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """Class ids ``(H, W)`` -> a palette (mode ``P``) PNG image whose colours are ``palette``."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = [int(v) for colour in palette for v in colour]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    return img
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * palette[mask]``, uint8 ``(H, W, 3)``."""
+    colours = np.asarray(palette, dtype=np.float32)[mask]
+    return np.clip((1.0 - alpha) * image.astype(np.float32) + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+
+
+def _probe(path: Path) -> tuple[int, int] | str:
+    """``(height, width)`` of a readable image, else the reason it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _read_rgb(path: Path) -> np.ndarray | str:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run prediction as configured (``conf/predict.yaml``); returns ``{"written": [...], "skipped": {...}}``."""
+    from tqdm.auto import tqdm
+
+    net, meta = load_for_inference(cfg.ckpt_path)
+    input_root, output = Path(cfg.input), Path(cfg.output)
+    images = list_images(input_root, exclude=output)  # an output folder inside the input is not read
+    plans = {p: output_paths(p, input_root, output) for p in images}
+    if output.exists() and not output.is_dir():
+        raise BRPGInputError(f"output={output}: exists and is not a folder")
+    if not cfg.overwrite:
+        clash = [str(q.relative_to(output)) for paths in plans.values() for q in paths.values() if q.exists()]
+        if clash:
+            raise BRPGInputError(
+                f"output={output}: {len(clash)} file(s) already exist ({', '.join(clash[:3])}"
+                f"{', ...' if len(clash) > 3 else ''}); pass overwrite=true to replace them, or another output"
+            )
+    batch_size = int(cfg.batch_size)
+    alpha = float(cfg.overlay_alpha)
+    if batch_size < 1 or not 0.0 <= alpha <= 1.0:
+        raise BRPGInputError(f"batch_size={batch_size}, overlay_alpha={alpha}; expected >= 1 and within [0, 1]")
+    device = str(cfg.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = net.to(device)
+    window = window_side(meta, cfg.window_size)
+    stride = None if cfg.window_stride is None else int(cfg.window_stride)
+    palette = meta["palette"]
+
+    skipped: dict[str, str] = {}
+    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    for path in images:
+        size = _probe(path)
+        if isinstance(size, str):
+            skipped[str(path)] = size
+        else:
+            by_size[size].append(path)
+    for path, why in skipped.items():
+        print(f"warning: skipped unreadable file {path} ({why})", file=sys.stderr)
+
+    written: list[str] = []
+    bar = tqdm(total=sum(len(v) for v in by_size.values()), desc="predict", unit="img", disable=not cfg.progress)
+    for _, paths in sorted(by_size.items()):
+        for start in range(0, len(paths), batch_size):
+            chunk, arrays = [], []
+            for path in paths[start : start + batch_size]:
+                arr = _read_rgb(path)
+                if isinstance(arr, str):
+                    skipped[str(path)] = arr
+                    print(f"warning: skipped unreadable file {path} ({arr})", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                chunk.append(path)
+                arrays.append(arr)
+            if not chunk:
+                continue
+            labels = predict_logits(net, meta, np.stack(arrays), window, stride).argmax(1).cpu().numpy()
+            for path, image, mask in zip(chunk, arrays, labels.astype(np.uint8), strict=True):
+                dest = plans[path]
+                for q in dest.values():
+                    q.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask, mode="L").save(dest["masks"])
+                colorize(mask, palette).save(dest["color"])
+                Image.fromarray(overlay(image, mask, palette, alpha)).save(dest["overlay"])
+                written.append(str(path))
+            bar.update(len(chunk))
+    bar.close()
+    log.info("predicted %d image(s) into %s", len(written), output)
+    return {"written": written, "skipped": skipped, "output": str(output)}
+
+
+def run(cfg: DictConfig) -> int:
+    result = predict(cfg)
+    print(f"predicted {len(result['written'])} image(s) into {result['output']}", flush=True)
+    if result["skipped"]:
+        names = ", ".join(result["skipped"])
+        raise BRPGInputError(f"skipped {len(result['skipped'])} unreadable file(s): {names}")
+    return len(result["written"])
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+def main(cfg: DictConfig) -> int:
+    return exit_on_bad_input(run)(cfg)
+
+
+if __name__ == "__main__":
+    main()
