@@ -68,9 +68,15 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> str:
         BRPGInputError: missing or unreadable file, no key in common with the encoder, or a shape mismatch
             (names the first mismatching key with both shapes).
     """
-    state = read_state_dict(path)
+    raw = read_state_dict(path)
     own = encoder.state_dict()
-    state = _strip(state, set(own))
+    state = _strip(raw, set(own))
+    # smp's timm encoders (``tu-``) hold the timm network under ``model.``; a timm checkpoint has no prefix
+    inner = {k.removeprefix("model.") for k in own if k.startswith("model.")}
+    if inner:
+        bare = _strip(raw, inner)
+        if len(inner & set(bare)) > len(set(own) & set(state)):
+            state = {f"model.{k}": v for k, v in bare.items()}
     matched = [k for k in state if k in own]
     if not matched:
         example = next(iter(state), "<empty>")
