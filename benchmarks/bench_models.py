@@ -24,6 +24,24 @@ def build(name: str, num_classes: int = 21) -> torch.nn.Module:
     return instantiate(cfg)
 
 
+def _time(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> tuple[float, float, list[float]]:
+    """Median eval forward (no grad) and median train step (forward + backward + SGD) in seconds."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        (out.logits.float().square().mean() + out.features.float().square().mean()).backward()
+        opt.step()
+
+    with torch.no_grad():
+        model.eval()
+        fwd, _ = time_median(lambda: model(x), repeat=repeat)
+        model.train()
+    med, times = time_median(step, repeat=repeat)
+    return fwd, med, times
+
+
 def run(quick: bool = False, models: tuple[str, ...] = MODELS) -> list[str]:
     size, batch = (65, 2) if quick else (321, 2)
     lines = [f"crop {size}, batch {batch}, threads {torch.get_num_threads()}; train-mode step = forward + backward + SGD"]
@@ -32,27 +50,16 @@ def run(quick: bool = False, models: tuple[str, ...] = MODELS) -> list[str]:
         model = build(name).train()
         params = sum(p.numel() for p in model.parameters())
         enc = sum(p.numel() for p in model.encoder.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         x = torch.randn(batch, 3, size, size)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            out = model(x)
-            (out.logits.float().square().mean() + out.features.float().square().mean()).backward()
-            opt.step()
-
+        fwd, med, times = _time(model, x, repeat=1 if quick else 3)
         with torch.no_grad():
-            model.eval()
-            fwd, _ = time_median(lambda: model(x), repeat=1 if quick else 3)
-            model.train()
-        med, times = time_median(step, repeat=1 if quick else 3)
-        out = model(x)
+            out = model(x)
         lines.append(
             f"{name:26s} params {params / 1e6:6.1f} M (encoder {enc / 1e6:5.1f} M)  eval forward {fwd:6.2f} s  "
             f"train step {med:6.2f} s (runs {', '.join(f'{t:.2f}' for t in times)})  "
             f"logits {tuple(out.logits.shape)} features {tuple(out.features.shape)} stride {out.stride}"
         )
-        del model, opt
+        del model
     return lines
 
 

@@ -16,6 +16,7 @@ from brpg_lightning.methods.cps import CPS
 from brpg_lightning.methods.fixmatch import FixMatch, fixmatch_loss
 from brpg_lightning.models.output import resize_to_input
 from brpg_lightning.models.segmentor import Segmentor
+
 C, H, W = 3, 32, 32
 OPTIM = {"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}
 

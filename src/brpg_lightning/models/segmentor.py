@@ -24,7 +24,6 @@ from brpg_lightning.models.heads import HEAD_KINDS, build_head
 from brpg_lightning.models.output import SegmentorOutput
 from brpg_lightning.models.weights import load_encoder_weights
 
-
 OFFLINE_HINT = (
     "offline, either put the encoder weights in a local file and set model.weights_path=<file> "
     "(safetensors or a state dict), or train from scratch with model.encoder_weights=null"
