@@ -3,6 +3,7 @@ same builders at reduced width/depth on 321, 513 and 769 inputs; multi-grid; the
 
 from __future__ import annotations
 
+import copy
 import math
 
 import huggingface_hub.constants as hf_constants
@@ -109,10 +110,15 @@ REDUCED = {
 }
 
 
+def reduced_kwargs(name: str) -> dict:
+    """A fresh copy (timm writes into ``block_cfg`` dicts)."""
+    return copy.deepcopy(REDUCED[name])
+
+
 @pytest.fixture(scope="module", params=list(REDUCED))
 def reduced(request: pytest.FixtureRequest) -> tuple[str, Segmentor]:
     torch.manual_seed(0)
-    return request.param, Segmentor(C, feature_dim=D, head_channels=16, **REDUCED[request.param]).eval()
+    return request.param, Segmentor(C, feature_dim=D, head_channels=16, **reduced_kwargs(request.param)).eval()
 
 
 @pytest.mark.parametrize("size", [321, 513, 769])
@@ -130,7 +136,7 @@ def test_reduced_networks_at_paper_crops(reduced: tuple[str, Segmentor], size: i
 
 
 def test_reduced_networks_train_every_parameter() -> None:
-    model = Segmentor(C, feature_dim=D, head_channels=16, **REDUCED["resnet101s"]).train()
+    model = Segmentor(C, feature_dim=D, head_channels=16, **reduced_kwargs("resnet101s")).train()
     out = model(torch.randn(2, 3, 64, 64))
     (out.logits.sum() + out.features.sum()).backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -138,8 +144,8 @@ def test_reduced_networks_train_every_parameter() -> None:
 
 def test_multi_grid_errors_name_the_key() -> None:
     with pytest.raises(BRPGInputError, match=r"model.multi_grid=\[2, 4\] has 2 entries; the last stage has 3"):
-        Segmentor(C, **{**REDUCED["resnet101s"], "multi_grid": [2, 4]})
-    mit = Segmentor(C, **REDUCED["mit"])
+        Segmentor(C, **{**reduced_kwargs("resnet101s"), "multi_grid": [2, 4]})
+    mit = Segmentor(C, **reduced_kwargs("mit"))
     with pytest.raises(BRPGInputError, match="needs a ResNet encoder with bottleneck blocks"):
         apply_multi_grid(mit.encoder, [2, 2, 4])
 
@@ -174,20 +180,25 @@ def test_local_weights_replace_the_download_offline(offline, tmp_path) -> None:
     assert ", 0 missing, 0 unexpected" in loaded.weights_summary
 
 
-def test_timm_checkpoint_loads_with_mismatch_report(tmp_path) -> None:
-    """A timm ImageNet classifier checkpoint (no ``model.`` prefix, with ``fc``) into the ``tu-resnet101s`` builder."""
+@pytest.mark.parametrize("name", ["resnet101s", "xception65"])
+def test_timm_checkpoint_loads_with_mismatch_report(tmp_path, name: str) -> None:
+    """A timm ImageNet classifier checkpoint (no ``model.`` prefix, unflattened names, a classifier head) into
+    the ``tu-`` builder: the encoder then computes what timm's own network computes; the head is reported."""
     torch.manual_seed(3)
-    arch = {k: REDUCED["resnet101s"][k] for k in ("layers", "channels", "stem_width")}
-    classifier = timm.create_model("resnet101s", **arch)  # the layout of timm's resnet101s.gluon_in1k weights
+    arch = {k: v for k, v in reduced_kwargs(name).items() if k in ("layers", "channels", "stem_width", "block_cfg")}
+    classifier = timm.create_model(name, output_stride=8, **arch).eval()  # timm's ImageNet checkpoint layout
     state = classifier.state_dict()
-    dropped = "layer1.0.conv1.weight"
-    del state[dropped]
-    path = tmp_path / "resnet101s.pt"
+    path = tmp_path / f"{name}.pt"
     torch.save(state, path)
-    model = Segmentor(21, **REDUCED["resnet101s"], encoder_weights="imagenet", weights_path=str(path))
-    own = model.encoder.state_dict()
-    assert torch.equal(own["model.layer4.2.conv3.weight"], state["layer4.2.conv3.weight"])
-    total = len(own)
-    assert f"{total - 1}/{total} tensors, 1 missing (e.g. model.{dropped}), 2 unexpected (e.g. model.fc.weight)" in (
-        model.weights_summary
-    )
+    model = Segmentor(21, **reduced_kwargs(name), encoder_weights="imagenet", weights_path=str(path)).eval()
+    n = len(model.encoder.state_dict())
+    head = [k for k in state if k.startswith(("fc.", "head."))]
+    assert f"{n}/{n} tensors, 0 missing, {len(head)} unexpected (e.g. model.{head[0]})" in model.weights_summary
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x)[-1], classifier.forward_features(x), atol=1e-5)
+    dropped = next(iter(state))
+    del state[dropped]
+    torch.save(state, path)
+    partial = Segmentor(21, **reduced_kwargs(name), weights_path=str(path))
+    assert f"{n - 1}/{n} tensors, 1 missing (e.g. model." in partial.weights_summary
