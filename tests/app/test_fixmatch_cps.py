@@ -190,3 +190,21 @@ def test_fixmatch_and_cps_train_with_brpg_through_clustering(tiny_cfg, tmp_path)
         # one device: plain BatchNorm without any user change (trainer=ddp sets sync_batchnorm)
         assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in objects["module"].modules())
         assert cfg.trainer.get("sync_batchnorm") in (None, False)
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "fixmatch", "cps"])
+def test_every_method_composes_with_every_brpg_option_and_paper_model(method: str, tmp_path) -> None:
+    from hydra.utils import get_class
+
+    from brpg_lightning.brpg.callback import BRPGCallback
+    from brpg_lightning.train import build_callbacks
+    from tests.conftest import compose_cfg
+
+    networks = get_class(compose_cfg(f"method={method}", output_dir=tmp_path).method._target_).networks
+    for brpg in ("none", "plain", "cpg", "cpg_apo"):
+        cfg = compose_cfg(f"method={method}", f"brpg={brpg}", output_dir=tmp_path)
+        got = [c.network for c in build_callbacks(cfg) if isinstance(c, BRPGCallback)]
+        assert got == ([] if brpg == "none" else (["student"] if len(networks) == 1 else list(networks)))
+    for model in ("deeplabv3plus", "deeplabv3plus_xception65", "segformer"):
+        cfg = compose_cfg(f"method={method}", f"model={model}", output_dir=tmp_path)
+        assert cfg.model.encoder_weights == "imagenet" and cfg.model.feature_dim == 256
