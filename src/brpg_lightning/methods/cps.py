@@ -42,7 +42,7 @@ class CPS(SegmentationModule):
     on. ``train.build_callbacks`` attaches one BRPG callback, with its own banks and prototypes, per network.
 
     Args:
-        segmentor2: the second network. lambda_cps: CPS weight (official PASCAL config: 1.5).
+        segmentor2: the second network. lambda_cps: CPS weight (CPS paper, PASCAL VOC: 1.5).
         cutmix_p: CutMix probability (official: always). strong_view: mix the colour-jittered view instead
             of the weak one (official: weak). eval_on: ``net1`` or ``mean`` (mean of both logits).
         sup_only_epochs: labeled-only warm-up epochs (0). **kwargs: :class:`SegmentationModule` arguments.
