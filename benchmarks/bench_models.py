@@ -25,7 +25,7 @@ def build(name: str, num_classes: int = 21) -> torch.nn.Module:
 
 
 def _time(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> tuple[float, float, list[float]]:
-    """Median eval forward (no grad) and median train step (forward + backward + SGD) in seconds."""
+    """Eval forward (no grad, one run after a warm-up) and median train step (forward + backward + SGD), s."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
@@ -36,7 +36,7 @@ def _time(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> tuple[float, 
 
     with torch.no_grad():
         model.eval()
-        fwd, _ = time_median(lambda: model(x), repeat=repeat)
+        fwd, _ = time_median(lambda: model(x), repeat=1)  # one timed run after the warm-up
         model.train()
     med, times = time_median(step, repeat=repeat)
     return fwd, med, times
