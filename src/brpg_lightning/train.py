@@ -34,12 +34,20 @@ def build(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def method_networks(cfg: DictConfig) -> tuple[str, ...]:
+    """The method's network names (``SegmentationModule.networks``; CPS has two)."""
+    return tuple(getattr(get_class(cfg.method._target_), "networks", ("student",)))
+
+
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Trainer callbacks from ``cfg.callbacks`` plus the BRPG callback when ``brpg.name != none``."""
+    """Trainer callbacks from ``cfg.callbacks`` plus one BRPG callback per network when ``brpg.name != none``."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     brpg = cfg.get("brpg")
     if brpg is not None and brpg.get("name", "none") != "none":
-        callbacks.append(build(brpg, _convert_="all"))
+        names = method_networks(cfg)
+        for name in names:
+            extra = {} if len(names) == 1 else {"network": name}
+            callbacks.append(build(brpg, _convert_="all", **extra))
     return callbacks
 
 
@@ -50,10 +58,12 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.LightningModule:
     """The method's LightningModule around a freshly built segmentor."""
     segmentor = build(cfg.model)
+    # further networks (CPS): the same config built again, so each random draw differs
+    extra = {f"segmentor{i + 1}": build(cfg.model) for i in range(1, len(method_networks(cfg)))}
     run_config = OmegaConf.to_container(cfg, resolve=True)
     return build(
         cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config,
-        _convert_="all", _recursive_=False,
+        _convert_="all", _recursive_=False, **extra,
     )
 
 

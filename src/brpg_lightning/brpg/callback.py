@@ -63,6 +63,19 @@ def _pixels(fmap: Tensor) -> Tensor:
     return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
 
 
+class _NetworkLog:
+    """``pl_module`` with ``log("brpg/x", ...)`` written as ``brpg/<network>/x`` (one BRPG per CPS network)."""
+
+    def __init__(self, module: pl.LightningModule, network: str) -> None:
+        self._module, self._network = module, network
+
+    def log(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self._module.log(name.replace("brpg/", f"brpg/{self._network}/", 1), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 class BRPGCallback(pl.Callback):
     """Boundary-Refined Prototype Generation (paper Sec. 3.4-3.5, Algorithm 1).
 
@@ -89,6 +102,9 @@ class BRPGCallback(pl.Callback):
             ``decoder`` (decoder features, no feature head) (Table 9).
         save_snapshot: at ``T_S2`` write ``<run>/brpg/snapshot.pt`` (bank sample + prototypes) for notebooks.
         snapshot_per_class: features per class and bank in the snapshot.
+        network: the method network this instance serves (``TrainStepContext.network``); other contexts are
+            ignored. CPS gets one instance per network: own state key, ``brpg/<network>/`` log keys and
+            ``snapshot_<network>.pt``.
     """
 
     def __init__(
@@ -123,6 +139,7 @@ class BRPGCallback(pl.Callback):
         feature_source: str = "features",
         save_snapshot: bool = True,
         snapshot_per_class: int = 500,
+        network: str = "student",
     ) -> None:
         super().__init__()
         for key, value, choices in (
@@ -146,6 +163,7 @@ class BRPGCallback(pl.Callback):
         self.eta_0, self.eta_e, self.lambda_pro = float(eta_0), float(eta_e), float(lambda_pro)
         self.prototype_ema, self.feature_source = float(prototype_ema), feature_source
         self.save_snapshot, self.snapshot_per_class = bool(save_snapshot), int(snapshot_per_class)
+        self.network = network
 
         self.num_classes: int | None = None
         self.bank_high: MemoryBank | None = None  # also the single bank of the "plain" variant
@@ -171,7 +189,15 @@ class BRPGCallback(pl.Callback):
             return "pretrain"
         return "sampling" if epoch < self.T_S2 else "prototype"
 
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class name, plus the network when not the default (two CPS instances)."""
+        return super().state_key if self.network == "student" else self._generate_state_key(network=self.network)
+
     def on_train_step_context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: TrainStepContext) -> None:
+        if ctx.network != self.network:
+            return
+        pl_module = _NetworkLog(pl_module, self.network) if self.network != "student" else pl_module
         stage = self.stage(ctx.epoch)
         if stage == "sampling":
             self.sample(ctx, pl_module)
@@ -331,7 +357,8 @@ class BRPGCallback(pl.Callback):
             dispersion=self.last_stats["dispersion"], apo_extra=self.last_stats["apo_extra"],
             epoch=torch.tensor(self.T_S2),
         )
-        path = Path(trainer.default_root_dir) / "brpg" / "snapshot.pt"
+        suffix = "" if self.network == "student" else f"_{self.network}"
+        path = Path(trainer.default_root_dir) / "brpg" / f"snapshot{suffix}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(snap, path)
         rank_zero_info(f"BRPG: snapshot written to {path}")
@@ -383,6 +410,7 @@ class BRPGCallback(pl.Callback):
             self.prototypes = ema_update(protos, sums, counts, self.prototype_ema)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module = _NetworkLog(pl_module, self.network) if self.network != "student" else pl_module
         if self.stage(trainer.current_epoch) == "sampling" and self.bank_high is not None:
             names = ["high", "low"]
             for name, bank in zip(names, (self.bank_high, self.bank_low), strict=False):

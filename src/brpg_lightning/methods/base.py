@@ -20,7 +20,7 @@ from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
 from brpg_lightning.methods.schedules import poly_lr_factor
 from brpg_lightning.models.inference import sliding_window_logits
-from brpg_lightning.models.output import SegmentorOutput, resize_to_input
+from brpg_lightning.models.output import SegmentorOutput, as_probabilities, resize_to_input
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear")
@@ -47,6 +47,9 @@ def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, refe
 class SegmentationModule(pl.LightningModule):
     uses_unlabeled: bool = True
     """Whether the datamodule must load unlabeled images for this method."""
+    networks: tuple[str, ...] = ("student",)
+    """Names of the trained networks; ``train.build_module`` builds one segmentor per name (the first is
+    ``segmentor``, the others ``segmentor2``, ...) and ``train.build_callbacks`` one BRPG callback per name."""
 
     """Base LightningModule of all methods (SupOnly, mean teacher, later FixMatch/CPS).
 
@@ -70,7 +73,7 @@ class SegmentationModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["segmentor"])
+        self.save_hyperparameters(ignore=["segmentor", "segmentor2"])
         self.student = segmentor
         self.num_classes = num_classes
         self.optim_cfg = dict(optim)
@@ -88,8 +91,8 @@ class SegmentationModule(pl.LightningModule):
         """The network that is evaluated and exported (the student here; the teacher for mean teacher)."""
         return self.student
 
-    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
-        """Forward passes and the method's own losses for one step; returns a filled context."""
+    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext | list[TrainStepContext]:
+        """Forward passes and the method's own losses for one step; a filled context (one per network)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> SegmentorOutput:
@@ -97,12 +100,16 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        ctx = self.compute_step(batch)
-        self.publish_step_context(ctx)
-        loss = ctx.total_loss()
-        bsz = ctx.labels.shape[0]
-        for name, value in ctx.losses.items():
-            self.log(f"train/{name}", value.detach(), batch_size=bsz)
+        result = self.compute_step(batch)
+        contexts = result if isinstance(result, list) else [result]
+        for ctx in contexts:
+            self.publish_step_context(ctx)
+        loss = torch.stack([ctx.total_loss() for ctx in contexts]).sum()
+        bsz = contexts[0].labels.shape[0]
+        for ctx in contexts:
+            prefix = "" if len(contexts) == 1 else f"{ctx.network}/"
+            for name, value in ctx.losses.items():
+                self.log(f"train/{prefix}{name}", value.detach(), batch_size=bsz)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bsz)
         return loss
 
@@ -124,7 +131,7 @@ class SegmentationModule(pl.LightningModule):
         logits = resize_to_input(out.logits, tuple(labels.shape[-2:]), out.stride)
         return self.sup_loss(logits, labels)
 
-    def new_context(self, out_l: SegmentorOutput, labels: Tensor) -> TrainStepContext:
+    def new_context(self, out_l: SegmentorOutput, labels: Tensor, network: str = "student") -> TrainStepContext:
         """A context with the labeled branch and run counters filled in."""
         return TrainStepContext(
             epoch=self.current_epoch,
@@ -132,7 +139,19 @@ class SegmentationModule(pl.LightningModule):
             total_steps=self.total_steps,
             labeled=out_l,
             labels=labels,
+            network=network,
         )
+
+    @staticmethod
+    def hard_pseudo_labels(out: SegmentorOutput, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq. (3) on a detached forward at the label size of ``valid`` ``(B, H, W)``: ``(probs, conf, pseudo)``.
+
+        ``probs (B, C, H, W)`` float32 softmax of the upsampled logits, ``conf (B, H, W)`` its maximum
+        (0 where not ``valid``), ``pseudo (B, H, W)`` its argmax (``IGNORE_INDEX`` where not ``valid``).
+        """
+        probs = as_probabilities(resize_to_input(out.logits.detach(), tuple(valid.shape[-2:]), out.stride))
+        conf, pseudo = probs.max(dim=1)
+        return probs, conf.masked_fill(~valid, 0.0), pseudo.masked_fill(~valid, IGNORE_INDEX)
 
     @property
     def total_steps(self) -> int:
@@ -144,10 +163,13 @@ class SegmentationModule(pl.LightningModule):
             self._total_steps = max(int(trainer.estimated_stepping_batches), 1)
         return self._total_steps
 
+    def trained_networks(self) -> list[nn.Module]:
+        """The networks the optimiser updates (the student; CPS: both networks)."""
+        return [self.student]
+
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (or AdamW) with backbone lr and ``head_lr_mult`` x lr for the rest; poly decay per step."""
         cfg = self.optim_cfg
-        groups = self.student.param_groups()
         lr = float(cfg["lr"])
         if cfg.get("lr_scaling", "none") != "none":
             trainer = self._trainer
@@ -157,10 +179,13 @@ class SegmentationModule(pl.LightningModule):
             if trainer is None or trainer.is_global_zero:
                 print(f"optim.lr_scaling={cfg['lr_scaling']}: backbone lr {cfg['lr']} -> {lr:.6g} "
                       f"(total labeled batch {batch} x {world} / reference {cfg.get('reference_batch', 16)})", flush=True)
-        params = [
-            {"params": groups["backbone"], "lr": lr, "name": "backbone"},
-            {"params": groups["head"], "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "name": "head"},
-        ]
+        params = []
+        for i, net in enumerate(self.trained_networks()):
+            groups, prefix = net.param_groups(), "" if i == 0 else f"{self.networks[i]}/"
+            params += [
+                {"params": groups["backbone"], "lr": lr, "name": f"{prefix}backbone"},
+                {"params": groups["head"], "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "name": f"{prefix}head"},
+            ]
         if cfg.get("name", "sgd") == "sgd":
             opt = torch.optim.SGD(
                 params, lr=lr, momentum=float(cfg.get("momentum", 0.9)),

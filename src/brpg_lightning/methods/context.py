@@ -1,7 +1,7 @@
 """The seam between a method and step-level plug-ins such as the BRPG callback.
 
-Every semi-supervised method (mean teacher now; FixMatch and CPS later) builds one
-:class:`TrainStepContext` per training step, after its own losses and before the backward pass, and
+Every semi-supervised method (mean teacher, FixMatch; CPS one per network) builds one
+:class:`TrainStepContext` per training step and network, after its own losses and before the backward pass, and
 hands it to every ``trainer.callbacks`` entry that implements :class:`StepContextHook`. A hook reads
 the tensors it needs and adds loss terms with :meth:`TrainStepContext.add_loss`; the method sums
 ``ctx.losses`` into the loss it returns to Lightning. Nothing else of the method is touched from outside.
@@ -38,6 +38,9 @@ class TrainStepContext:
         pseudo_confidence: teacher max-softmax of the strong view ``(B_u, H, W)`` float, mixed alike;
             0 on padding.
         losses: loss terms, already weighted, summed by the method into the returned loss.
+        network: which of the method's networks the tensors belong to (``SegmentationModule.networks``):
+            ``"student"`` for one-network methods; CPS publishes one context per network (``"net1"``,
+            ``"net2"``) and a plug-in such as BRPG keeps separate state per network.
     """
 
     epoch: int
@@ -50,6 +53,7 @@ class TrainStepContext:
     pseudo_labels: Tensor | None = None
     pseudo_confidence: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+    network: str = "student"
 
     @property
     def has_unlabeled(self) -> bool:

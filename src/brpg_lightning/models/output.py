@@ -37,6 +37,10 @@ class SegmentorOutput:
             raise ValueError(f"feature source {source!r} is not one of {FEATURE_SOURCES}")
         return getattr(self, source)
 
+    def detach(self) -> SegmentorOutput:
+        """The same maps cut from the autograd graph."""
+        return SegmentorOutput(self.logits.detach(), self.features.detach(), self.decoder.detach(), self.stride)
+
     def split(self, sizes: list[int]) -> list[SegmentorOutput]:
         """Split along the batch dimension (a joint forward of labeled + unlabeled images)."""
         parts = zip(

@@ -4,6 +4,10 @@ The encoder ``E`` and decoder come from ``segmentation_models_pytorch`` (DeepLab
 own segmentation/classification heads are dropped (unused parameters would upset DDP). Two heads read
 the decoder map at its own resolution (1/4 of the input for both architectures): the classification
 head ``F`` (``logits``) and the feature head ``G`` (``features``, 256-d in the paper).
+
+Hand-written here only what smp/timm lack: multi-grid dilation of the last ResNet stage (U2PL's
+``multi_grid``, :func:`apply_multi_grid`) and a one-line error when pretrained weights cannot be fetched
+offline (:func:`create_smp_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,76 @@ from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.heads import HEAD_KINDS, build_head
 from brpg_lightning.models.output import SegmentorOutput
 from brpg_lightning.models.weights import load_encoder_weights
+
+OFFLINE_HINT = (
+    "offline, either put the encoder weights in a local file and set model.weights_path=<file> "
+    "(safetensors or a state dict), or train from scratch with model.encoder_weights=null"
+)
+
+
+def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None, **kwargs) -> nn.Module:
+    """``smp.create_model``; a failed weight download becomes one :class:`BRPGInputError` line.
+
+    smp/timm fetch ``encoder_weights="imagenet"`` from the network (timm: the Hugging Face hub) on
+    first use and cache them; without a network the hub client raises an ``OSError`` subclass deep in
+    the call. That error is reported with both offline options (:data:`OFFLINE_HINT`).
+    """
+    weights: str | bool | None = encoder_weights
+    if encoder_name.startswith("tu-") and weights is not None:
+        weights = True  # timm picks the pretrained tag from the name (``tu-<model>.<tag>``), e.g. ImageNet-1k
+    try:
+        return smp.create_model(arch, encoder_name=encoder_name, encoder_weights=weights, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - only network failures are translated, the rest re-raised
+        if encoder_weights is None or not _is_network_error(exc):
+            raise
+        raise BRPGInputError(
+            f"model.encoder_weights={encoder_weights}: cannot download the {encoder_name} weights "
+            f"({type(exc).__name__}); {OFFLINE_HINT}"
+        ) from None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is a connection / hub / file-not-cached failure."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, (OSError, ConnectionError, TimeoutError)) or any(
+            key in name for key in ("Connection", "Timeout", "HTTP", "Offline", "EntryNotFound", "URLError")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def apply_multi_grid(encoder: nn.Module, grids: list[int] | tuple[int, ...]) -> list[int]:
+    """Multiply the 3x3 dilation of block ``i`` of the last ResNet stage by ``grids[i]``; new dilations.
+
+    U2PL's ResNet (``_make_layer(..., multi_grid=True)``, grids ``[2, 2, 4]``) on top of torchvision's
+    dilation rule, which timm's ``output_stride=8`` follows too: at output stride 8 the last stage's
+    blocks have dilations ``(2, 4, 4)`` and multi-grid makes them ``(2*2, 4*2, 4*4) = (4, 8, 16)``.
+    Padding grows with the dilation, so every map keeps its size. Neither timm nor smp has a multi-grid
+    option, hence this function. Works on timm ResNets (``tu-`` encoders, ``encoder.model.layer4``)
+    and smp's own ResNet encoders (``encoder.layer4``) with bottleneck blocks.
+    """
+    stage = getattr(getattr(encoder, "model", encoder), "layer4", None)
+    blocks = list(stage.children()) if stage is not None else []
+    if not blocks or not all(hasattr(b, "conv2") and hasattr(b, "conv3") for b in blocks):
+        raise BRPGInputError(
+            f"model.multi_grid={list(grids)}: needs a ResNet encoder with bottleneck blocks "
+            f"(e.g. tu-resnet101s), got {type(getattr(encoder, 'model', encoder)).__name__}"
+        )
+    if len(grids) != len(blocks):
+        raise BRPGInputError(
+            f"model.multi_grid={list(grids)} has {len(grids)} entries; the last stage has {len(blocks)} blocks"
+        )
+    dilations = []
+    for block, grid in zip(blocks, grids, strict=True):
+        conv: nn.Conv2d = block.conv2
+        d = int(conv.dilation[0]) * int(grid)
+        conv.dilation = (d, d)
+        conv.padding = (d * (conv.kernel_size[0] - 1) // 2, d * (conv.kernel_size[1] - 1) // 2)
+        dilations.append(d)
+    return dilations
 
 
 def required_input_multiple(model: nn.Module) -> int:
@@ -64,12 +138,16 @@ class Segmentor(nn.Module):
         num_classes: ``C``, output channels of the classification head.
         arch: smp architecture (``"deeplabv3plus"``, ``"segformer"``, ...).
         encoder_name: smp encoder (``"resnet101"``, ``"mit_b4"``, ...).
-        encoder_weights: smp pretrained weights (``"imagenet"``) or ``None`` (random init, no download).
+        encoder_weights: smp pretrained weights (``"imagenet"``; for ``tu-`` timm encoders the default
+            pretrained tag of the name, or ``tu-<model>.<tag>``) or ``None`` (random init, no download).
+            Ignored when ``weights_path`` is set (the local file replaces the download).
         feature_dim: ``D``, output channels of the feature head (256 in the paper).
         head: ``"conv"`` (two Conv-BN-ReLU-Dropout blocks, DeepLabV3+) or ``"linear"``
             (Linear-Dropout-Linear, SegFormer); see :mod:`brpg_lightning.models.heads`.
         head_channels: hidden width of both heads; default: the decoder's channels.
         head_dropout: dropout probability inside both heads.
+        multi_grid: per-block multipliers of the last ResNet stage's dilation (U2PL: ``[2, 2, 4]`` at
+            output stride 8); ``None`` leaves timm's dilations (:func:`apply_multi_grid`).
         weights_path: a local file of encoder weights (safetensors or a state dict), loaded after the
             build (:func:`~brpg_lightning.models.weights.load_encoder_weights`; one summary line is logged).
         pad_multiple: inputs are zero-padded bottom/right to a multiple of this; default: the
@@ -95,6 +173,7 @@ class Segmentor(nn.Module):
         head_dropout: float = 0.1,
         pad_multiple: int | None = None,
         weights_path: str | None = None,
+        multi_grid: list[int] | tuple[int, ...] | None = None,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -108,14 +187,11 @@ class Segmentor(nn.Module):
             raise BRPGInputError(
                 f"model num_classes={num_classes} and feature_dim={feature_dim} must both be >= 1"
             )
-        model = smp.create_model(
-            arch,
-            encoder_name=encoder_name,
-            encoder_weights=encoder_weights,
-            classes=num_classes,
-            **arch_kwargs,
-        )
+        # a local file replaces the download (the offline route): no hub access when weights_path is set
+        download = None if weights_path is not None else encoder_weights
+        model = create_smp_model(arch, encoder_name, download, classes=num_classes, **arch_kwargs)
         self.encoder: nn.Module = model.encoder
+        self.multi_grid_dilations = apply_multi_grid(self.encoder, multi_grid) if multi_grid else None
         if weights_path is not None:
             self.weights_summary = load_encoder_weights(self.encoder, weights_path)
         self.decoder: nn.Module = model.decoder

@@ -3,12 +3,14 @@
 The route a user with downloaded ImageNet weights takes when the machine is offline, and the route the
 embedded benchmark's pretext-pretrained encoder takes. Hand-written because smp/timm load weights only by
 name from a hub (``encoder_weights="imagenet"``) or from a full-model checkpoint of their own layout; a plain
-encoder state dict saved by another tool needs the prefix handling and the one-line mismatch report below.
+encoder state dict saved by another tool needs the prefix handling and the one-line mismatch report below,
+and a timm classifier checkpoint the name mapping of smp's ``tu-`` encoders (:func:`timm_checkpoint_names`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -61,6 +63,30 @@ def _strip(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Ten
             best = current
 
 
+def timm_checkpoint_names(own: dict[str, torch.Tensor] | list[str]) -> dict[str, str]:
+    """timm checkpoint name -> encoder key, for smp's ``tu-`` encoders (empty for others).
+
+    smp keeps the timm network under ``model.``, and timm's ``features_only`` wrapper flattens top-level
+    ``Sequential`` children (``stem.0`` -> ``stem_0``, ``blocks.3`` -> ``blocks_3``), so a checkpoint of the
+    timm classifier (``timm.create_model(name, pretrained=True).state_dict()``) matches neither as it is.
+
+    Example:
+        >>> timm_checkpoint_names(["model.stem_0.conv.weight", "model.layer1.0.bn1.weight"])["stem.0.conv.weight"]
+        'model.stem_0.conv.weight'
+    """
+    out: dict[str, str] = {}
+    for key in own:
+        if not key.startswith("model."):
+            continue
+        inner = key.removeprefix("model.")
+        out[inner] = key
+        head, _, rest = inner.partition(".")
+        match = re.fullmatch(r"(.+)_(\d+)", head)
+        if match and rest:
+            out.setdefault(f"{match[1]}.{match[2]}.{rest}", key)
+    return out
+
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> str:
     """Load ``path`` into ``encoder`` (non-strict) and return the one-line summary it also logs.
 
@@ -68,9 +94,14 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> str:
         BRPGInputError: missing or unreadable file, no key in common with the encoder, or a shape mismatch
             (names the first mismatching key with both shapes).
     """
-    state = read_state_dict(path)
+    raw = read_state_dict(path)
     own = encoder.state_dict()
-    state = _strip(state, set(own))
+    state = _strip(raw, set(own))
+    names = timm_checkpoint_names(own)
+    if names:
+        bare = _strip(raw, set(names))
+        if len(set(names) & set(bare)) > len(set(own) & set(state)):
+            state = {names.get(k, f"model.{k}"): v for k, v in bare.items()}
     matched = [k for k in state if k in own]
     if not matched:
         example = next(iter(state), "<empty>")
