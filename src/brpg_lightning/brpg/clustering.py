@@ -461,3 +461,53 @@ def kmeans(
     if n_used < valid_shape[1]:
         labels = torch.cat([labels, labels.new_full((g, valid_shape[1] - n_used), -1)], dim=1)
     return KMeansResult(centers, cmask, inertia, labels, n_iter, deficient)
+
+
+def random_centers(
+    x: Tensor, valid: Tensor, k: Tensor, *, k_max: int | None = None, seed: int = 0
+) -> KMeansResult:
+    """Random prototypes (paper Fig. 7, "CPG vs random"): ``k[g]`` distinct valid points of each group
+    drawn uniformly without replacement (keys from a CPU ``torch.Generator`` seeded by ``seed``, so
+    every device and rank draws the same), no clustering.
+
+    Same arguments and result as :func:`kmeans`: labels and inertia are those of one assignment of the
+    valid points to the drawn centres; ``n_iter`` is 0; a group with fewer valid points than ``k``
+    gets all of them (``deficient``).
+
+    Example:
+        >>> x = torch.arange(6.0).view(1, 6, 1)
+        >>> res = random_centers(x, torch.ones(1, 6, dtype=torch.bool), torch.tensor([2]), seed=0)
+        >>> int(res.center_mask.sum()), all(c in x.flatten().tolist() for c in res.centers.flatten().tolist())
+        (2, True)
+    """
+    if x.ndim != 3 or valid.shape != x.shape[:2] or k.shape != x.shape[:1]:
+        raise ValueError(
+            f"random_centers expects x (G, N, D), valid (G, N), k (G,); got {tuple(x.shape)}, "
+            f"{tuple(valid.shape)}, {tuple(k.shape)}"
+        )
+    g, n, d = x.shape
+    device = x.device
+    valid = valid.to(device=device, dtype=torch.bool)
+    k = k.to(device=device, dtype=torch.long).clamp_min(0)
+    k_top = int(k.max()) if g > 0 else 0
+    k_max = k_top if k_max is None else int(k_max)
+    if k_max < k_top:
+        raise ValueError(f"k_max={k_max} is smaller than max(k)={k_top}")
+    centers = torch.zeros(g, k_max, d, device=device)
+    cmask = torch.zeros(g, k_max, dtype=torch.bool, device=device)
+    labels = torch.full((g, n), -1, dtype=torch.long, device=device)
+    inertia = torch.zeros(g, device=device)
+    if g == 0 or n == 0 or k_max == 0:
+        return KMeansResult(centers, cmask, inertia, labels, 0, k > 0)
+    keys = torch.rand(g, n, generator=torch.Generator().manual_seed(int(seed))).to(device)
+    top, idx = keys.masked_fill(~valid, -1.0).topk(min(k_max, n), dim=1)  # distinct indices, valid first
+    slot = torch.arange(top.shape[1], device=device).unsqueeze(0)
+    take = (top >= 0) & (slot < k.unsqueeze(1))
+    centers[:, : top.shape[1]] = torch.where(take.unsqueeze(2), _take(x, idx).float(), 0.0)
+    cmask[:, : top.shape[1]] = take
+    grp = _Groups(x, valid, None, torch.arange(g, device=device), CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"]))
+    lab, dmin, _, _ = _assign(grp, centers.unsqueeze(1), cmask.unsqueeze(1), with_sums=False)
+    has = cmask.any(1, keepdim=True)
+    labels = lab[:, 0].masked_fill(~valid | ~has, -1)
+    inertia = torch.where(valid & has, dmin[:, 0], 0.0).sum(1)
+    return KMeansResult(centers, cmask, inertia, labels, 0, cmask.sum(1) < k)
