@@ -47,7 +47,7 @@ from brpg_lightning.brpg import distributed as dist
 from brpg_lightning.brpg.apo import apo_extra, dispersion
 from brpg_lightning.brpg.clustering import KMeansResult, kmeans, random_centers
 from brpg_lightning.brpg.memory_bank import MemoryBank
-from brpg_lightning.brpg.prototype_loss import prototype_ce
+from brpg_lightning.brpg.prototype_loss import prototype_ce, prototype_similarities
 from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
 from brpg_lightning.brpg.sampling import (
     bank_masks,
@@ -56,6 +56,7 @@ from brpg_lightning.brpg.sampling import (
     grid_points,
     random_points,
     random_subset,
+    sample_grid,
     sample_points,
 )
 from brpg_lightning.brpg.schedules import eta_t as eta_t_schedule
@@ -433,14 +434,15 @@ class BRPGCallback(pl.Callback):
             self.prototypes, self.proto_mask = self.prototypes.to(device), self.proto_mask.to(device)
         out_l = ctx.labeled
         b_l, (h, w) = ctx.labels.shape[0], ctx.labels.shape[-2:]
-        coords = grid_points(b_l, h, w, self.grid, device=device)
-        f_l = sample_points(out_l.select(self.feature_source), coords, out_l.stride).flatten(0, 1)
-        y_l = gather_points(ctx.labels, coords).flatten()
+        f_l = sample_grid(out_l.select(self.feature_source), h, w, self.grid, out_l.stride).flatten(0, 1)
+        y_l = gather_points(ctx.labels, grid_points(b_l, h, w, self.grid, device=device)).flatten()
         if self.missing:
             self.init_late_classes(f_l, y_l, ctx.global_step)
         protos, pmask = self.prototypes, self.proto_mask
-        loss_l, _ = prototype_ce(f_l, y_l, protos, pmask, self.tau, IGNORE_INDEX)
-        feats, labels = [f_l.detach()], [y_l]
+        # similarities computed once per branch, shared by L_pro and the Eq. (22) assignment
+        sim_l = prototype_similarities(f_l, protos)
+        loss_l, _ = prototype_ce(f_l, y_l, protos, pmask, self.tau, IGNORE_INDEX, sim=sim_l)
+        branches = [(f_l, y_l, sim_l)]
         loss = loss_l
         pl_module.log("brpg/L_pro_l", loss_l.detach(), batch_size=b_l)
 
@@ -450,12 +452,13 @@ class BRPGCallback(pl.Callback):
             cand = valid & (ctx.pseudo_confidence >= eta)
             out_u = ctx.unlabeled_student
             coords_u, ok = random_points(cand, self.M_u)
-            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride)[ok]
-            y_u = gather_points(ctx.pseudo_labels, coords_u)[ok]
-            loss_u, _ = prototype_ce(f_u, y_u, protos, pmask, self.tau, IGNORE_INDEX)
+            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride).flatten(0, 1)
+            # points short of M_u (few candidates) are ignored by label: no (N, D) row selection
+            y_u = gather_points(ctx.pseudo_labels, coords_u).masked_fill(~ok, IGNORE_INDEX).flatten()
+            sim_u = prototype_similarities(f_u, protos)
+            loss_u, _ = prototype_ce(f_u, y_u, protos, pmask, self.tau, IGNORE_INDEX, sim=sim_u)
             loss = loss + loss_u
-            feats.append(f_u.detach())
-            labels.append(y_u)
+            branches.append((f_u, y_u, sim_u))
             share = cand.sum().float() / valid.sum().clamp_min(1).float()
             pl_module.log("brpg/L_pro_u", loss_u.detach(), batch_size=b_l)
             pl_module.log("brpg/eta_t", eta, batch_size=1)
@@ -463,7 +466,10 @@ class BRPGCallback(pl.Callback):
         ctx.add_loss("L_pro", self.lambda_pro * loss)
 
         with torch.no_grad():
-            sums, counts = assignment_stats(torch.cat(feats).float(), torch.cat(labels), protos, pmask, IGNORE_INDEX)
+            sums, counts = None, None
+            for f, y, sim in branches:
+                s, n = assignment_stats(f.detach(), y, protos, pmask, IGNORE_INDEX, sim=sim)
+                sums, counts = (s, n) if sums is None else (sums + s, counts + n)
             dist.all_reduce_sum_(sums)
             dist.all_reduce_sum_(counts)
             self.prototypes = ema_update(protos, sums, counts, self.prototype_ema)
