@@ -173,3 +173,16 @@ def test_partly_filled_banks_give_the_same_result_as_trimmed_ones() -> None:
     torch.testing.assert_close(res.centers, trimmed.centers)
     assert res.labels.shape == (3, 400) and torch.equal(res.labels[:, :120], trimmed.labels)
     assert (res.labels[:, 120:] == -1).all()
+
+
+def test_faiss_subsample_option_still_finds_separated_clusters() -> None:
+    gen = torch.Generator().manual_seed(1)
+    truth = torch.randn(2, 6, generator=gen) * 20
+    member = torch.randint(0, 2, (1, 2000), generator=gen)
+    x = truth[member] + torch.randn(1, 2000, 6, generator=gen)
+    valid, k = torch.ones(1, 2000, dtype=torch.bool), torch.tensor([2])
+    sub = kmeans(x, valid, k, points_per_centroid=32)  # 64 of 2000 points seed and iterate
+    full = kmeans(x, valid, k)
+    assert torch.cdist(sub.centers[0], truth).min(1).values.max() < 1.0
+    assert not torch.equal(sub.centers, full.centers)  # a different sample, not all points
+    assert full.inertia.item() <= sub.inertia.item() * 1.0001
