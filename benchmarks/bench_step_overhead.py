@@ -1,5 +1,14 @@
-"""Step overhead of BRPG on top of mean teacher at CPU scale (256-d features, crop 321, batch 2+2).
+"""Step overhead of BRPG on top of mean teacher: the paper-like case and the default run's case.
 
+Case 1, ``default run``: the embedded default exactly as ``python -m brpg_lightning`` builds it (the composed
+``conf/train.yaml``: deeplabv3plus_small, crop 80, batch 8+8, 7 synthetic classes, AdamW, BRPG ``cpg_apo``),
+stepped through the real module and callback hooks: ``training_step`` (the method's forwards and losses,
+``publish_step_context`` -> ``BRPGCallback.on_train_step_context``, ``total_loss``), backward, the
+optimiser step, ``on_train_batch_end`` (teacher EMA). ``self.log`` is a no-op here (no Trainer loop);
+the real run's logging is measured by ``benchmarks/epoch_times.py``. Target (issue 8): prototype stage
+<= 1.10x of mean teacher.
+
+Case 2, ``321 crop``: CPU scale of the paper's setting (ResNet-18, 256-d features, crop 321, batch 2+2).
 One full training step = mean-teacher forward passes and losses, the BRPG callback (when on), backward,
 SGD step and teacher EMA update. The three variants are measured interleaved (A, B, C, A, B, C, ...) in one
 process on the same model and data, and compared by median step time:
@@ -22,6 +31,7 @@ from benchmarks.common import environment, fmt_times, ratio_line
 from brpg_lightning.brpg.callback import BRPGCallback
 from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.models.segmentor import Segmentor
+from brpg_lightning.train import build, build_module
 
 NUM_CLASSES = 21
 
@@ -80,7 +90,129 @@ def step(module: MeanTeacher, opt: torch.optim.Optimizer, batch: dict, cb: BRPGC
     module.teacher.update(module.student)
 
 
+def compose_default(*overrides: str):  # noqa: ANN201 - a DictConfig
+    """The default run's composed config (``conf/train.yaml`` with its defaults), outside a Hydra run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from brpg_lightning.config import config_dir, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/brpg-bench", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def default_batch(cfg, seed: int = 0) -> dict:  # noqa: ANN001
+    """A batch of the default's shapes: 8 + 8 images of the crop, blocky masks of its classes."""
+    d = cfg.dataset
+    crop, b_l, b_u, c = int(d.crop_size), int(d.batch_size_labeled), int(d.batch_size_unlabeled), int(d.num_classes)
+    g = torch.Generator().manual_seed(seed)
+    cell = 8
+    mask = torch.randint(0, c, (b_l, crop // cell, crop // cell), generator=g)
+    mask = mask.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    return {
+        "labeled": {"image": torch.randn(b_l, 3, crop, crop, generator=g), "mask": mask},
+        "unlabeled": {
+            "image": torch.randn(b_u, 3, crop, crop, generator=g),
+            "image_strong": torch.randn(b_u, 3, crop, crop, generator=g),
+            "valid": torch.ones(b_u, crop, crop, dtype=torch.bool),
+        },
+    }
+
+
+class RealStep:
+    """One variant of the default run: its own Trainer (callbacks) and epoch, the shared module."""
+
+    def __init__(self, module, callbacks: list, epoch: int) -> None:  # noqa: ANN001
+        self.module, self.epoch = module, epoch
+        self.trainer = pl.Trainer(
+            max_epochs=10, logger=False, enable_checkpointing=False, accelerator="cpu", callbacks=callbacks,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+
+    def __call__(self, batch: dict, opt: torch.optim.Optimizer, idx: int) -> None:
+        module = self.module
+        module.trainer = self.trainer
+        self.trainer.fit_loop.epoch_progress.current.completed = self.epoch
+        loss = module.training_step(batch, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        module.on_train_batch_end(loss, batch, idx)
+
+
+def run_default(quick: bool) -> tuple[list[str], tuple[float, float]]:
+    cfg = compose_default()
+    reps = 3 if quick else 15
+    torch.manual_seed(0)
+    module = build_module(cfg, class_names=list(cfg.dataset.class_names))
+    module.log = lambda *a, **k: None  # no Trainer loop: logging is a no-op
+    module._total_steps = int(cfg.trainer.max_epochs) * 48
+    opt = module.configure_optimizers()["optimizer"]
+    batch = default_batch(cfg)
+    t_s1, t_s2 = int(cfg.brpg.T_S1), int(cfg.brpg.T_S2)
+    sampling_cb = build(cfg.brpg, _convert_="all", save_snapshot=False)
+    proto_cb = build(cfg.brpg, _convert_="all", save_snapshot=False)
+    for cb in (sampling_cb, proto_cb):
+        cb.setup(None, module, "fit")
+    variants = {
+        "mean teacher": RealStep(module, [], t_s1 - 1),
+        "+ BRPG sampling": RealStep(module, [sampling_cb], t_s1),
+        "+ BRPG prototype stage": RealStep(module, [proto_cb], t_s2),
+    }
+    variants["mean teacher"](batch, opt, 0)  # the teacher is copied from the student at the first MT step
+    with torch.no_grad():  # an untrained model is not confident: split the banks at its median confidence
+        out = module.student(batch["labeled"]["image"])
+        proto_cb.eta_s = float(torch.softmax(out.logits, 1).max(1).values.median())
+    for i in range(3):  # banks from real sampling steps, then clustering once (not timed)
+        RealStep(module, [proto_cb], t_s1)(default_batch(cfg, seed=1 + i), opt, i)
+    proto_cb.cluster(None, module, 0)
+    proto_cb.eta_0 = proto_cb.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for step in variants.values():  # warm-up
+        step(batch, opt, 0)
+    for i in range(reps):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step(batch, opt, i)
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    d = cfg.dataset
+    lines = [
+        f"default run: {cfg.model.encoder_name} deeplabv3plus decoder {cfg.model.decoder_channels}, crop {d.crop_size}, "
+        f"batch {d.batch_size_labeled}+{d.batch_size_unlabeled}, {d.num_classes} classes, BRPG {cfg.brpg.name} "
+        f"(grid {cfg.brpg.grid}, M_u {cfg.brpg.M_u}); whole training_step + backward + optimiser + "
+        f"on_train_batch_end; {reps} interleaved reps",
+    ]
+    lines += [f"{k:>24s}: median {med[k] * 1e3:.1f} ms/step {fmt_times(v)}" for k, v in times.items()]
+    base = med["mean teacher"]
+    r_s, r_p = med["+ BRPG sampling"] / base, med["+ BRPG prototype stage"] / base
+    lines.append(ratio_line("default run, step time, sampling / mean teacher", r_s, "<= 1.10x", r_s <= 1.10))
+    lines.append(ratio_line("default run, step time, prototype stage / mean teacher", r_p, "<= 1.10x", r_p <= 1.10))
+    return lines, (r_s, r_p)
+
+
 def run(quick: bool) -> list[str]:
+    default_lines, (d_s, d_p) = run_default(quick)
+    paper_lines, (p_s, p_p) = run_321(quick)
+    return [
+        environment(),
+        "== case 1: the default run (through the real module and callback hooks)",
+        *default_lines,
+        "== case 2: 321 crop (compute_step + on_train_step_context, ResNet-18)",
+        *paper_lines,
+        "== side by side (step time / mean teacher): sampling, prototype stage",
+        f"default run  (crop 80, 8+8): {d_s:.3f}x, {d_p:.3f}x",
+        f"321 crop     (ResNet-18, 2+2): {p_s:.3f}x, {p_p:.3f}x",
+    ]
+
+
+def run_321(quick: bool) -> tuple[list[str], tuple[float, float]]:
     crop, reps = (161, 3) if quick else (321, 7)
     module = make_module(crop)
     batch = make_batch(crop)
@@ -99,10 +231,10 @@ def run(quick: bool) -> list[str]:
             step(module, opt, batch, cb)
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    lines = [environment(), f"crop {crop}, batch 2+2, {NUM_CLASSES} classes, 256-d features, {reps} interleaved reps"]
+    lines = [f"crop {crop}, batch 2+2, {NUM_CLASSES} classes, 256-d features, {reps} interleaved reps"]
     lines += [f"{k:>24s}: median {med[k]:.3f} s/step {fmt_times(v)}" for k, v in times.items()]
     base = med["mean teacher"]
     r_s, r_p = med["+ BRPG sampling"] / base, med["+ BRPG prototype stage"] / base
     lines.append(ratio_line("step time, sampling / mean teacher", r_s, "<= 1.10x", r_s <= 1.10))
     lines.append(ratio_line("step time, prototype stage / mean teacher", r_p, "<= 1.05x", r_p <= 1.05))
-    return lines
+    return lines, (r_s, r_p)

@@ -93,3 +93,20 @@ def test_float32_under_autocast() -> None:
         loss, _ = prototype_ce(feats.bfloat16(), labels, protos, mask, tau=TAU)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=0.05)  # only the bf16 inputs differ
+
+
+def test_shared_similarities_give_the_same_loss_and_gradient() -> None:
+    from brpg_lightning.brpg.prototype_loss import prototype_similarities
+
+    feats, labels, protos, mask = _tiny()
+    feats = feats.clone().requires_grad_(True)
+    loss, n = prototype_ce(feats, labels, protos, mask, tau=TAU)
+    (g_ref,) = torch.autograd.grad(loss, feats)
+    sim = prototype_similarities(feats, protos)
+    # Eq. (15) by the definition: normalise both, then the dot product
+    direct = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(protos, dim=2).view(12, 4).t()
+    torch.testing.assert_close(sim.view(6, 12), direct, rtol=1e-6, atol=1e-6)
+    shared, n_shared = prototype_ce(feats, labels, protos, mask, tau=TAU, sim=sim)
+    (g_shared,) = torch.autograd.grad(shared, feats)
+    assert n_shared == n and shared.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(g_shared, g_ref, rtol=1e-5, atol=1e-7)

@@ -54,3 +54,15 @@ def test_split_batch_stats_add_up() -> None:
     used = (labels != IGNORE_INDEX) & (labels != 4) & mask.any(1)[labels.clamp(max=4)]
     assert whole[1].sum().item() == used.sum().item()
     assert (whole[1][~mask] == 0).all()
+
+
+def test_precomputed_similarities_give_the_hand_worked_statistics() -> None:
+    from brpg_lightning.brpg.prototype_loss import prototype_similarities
+
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    feats = torch.tensor([[3.0, 1.0], [1.0, 2.0], [2.0, 0.0], [0.0, 4.0], [9.0, 9.0], [0.5, 5.0]])
+    labels = torch.tensor([0, 0, 0, 0, IGNORE_INDEX, 1])
+    sums, counts = assignment_stats(feats, labels, protos, mask, sim=prototype_similarities(feats, protos))
+    assert counts.tolist() == [[2.0, 2.0], [1.0, 0.0]]  # as worked by hand in the test above
+    assert sums.tolist() == [[[5.0, 1.0], [1.0, 6.0]], [[0.5, 5.0], [0.0, 0.0]]]

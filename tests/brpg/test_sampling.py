@@ -15,7 +15,9 @@ from brpg_lightning.brpg.sampling import (
     grid_points,
     random_points,
     random_subset,
+    sample_grid,
     sample_points,
+    sample_points_grid_sample,
 )
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.models.output import resize_to_input
@@ -107,12 +109,13 @@ def _reference_upsampled(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[i
     return torch.stack([up[b, :, coords[b, :, 0], coords[b, :, 1]].t() for b in range(fmap.shape[0])])
 
 
+@pytest.mark.parametrize("reader", [sample_points, sample_points_grid_sample])  # sparse product | grid_sample
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     ("height", "width", "stride"), [(321, 321, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)]
 )
 def test_sample_points_equals_upsample_then_index(
-    height: int, width: int, stride: int, dtype: torch.dtype
+    height: int, width: int, stride: int, dtype: torch.dtype, reader
 ) -> None:
     gen = torch.Generator().manual_seed(height + width)
     h, w = math.ceil(height / stride), math.ceil(width / stride)
@@ -123,7 +126,7 @@ def test_sample_points_equals_upsample_then_index(
         [[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1], [1, 2], [height - 2, 3]]
     )
     coords = torch.cat([torch.stack([ys, xs], -1), borders.expand(2, -1, -1)], dim=1)
-    got = sample_points(fmap, coords, stride)
+    got = reader(fmap, coords, stride)
     assert got.shape == (2, coords.shape[1], 5)
     expected = _reference_upsampled(fmap, coords, (height, width), stride)
     # float64: the same numbers; float32: positions round-trip through [-1, 1] (~1e-5 of a map pixel)
@@ -131,16 +134,36 @@ def test_sample_points_equals_upsample_then_index(
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-def test_sample_points_gradient_equals_upsample_then_index() -> None:
+@pytest.mark.parametrize("reader", [sample_points, sample_points_grid_sample])
+def test_sample_points_gradient_equals_upsample_then_index(reader) -> None:  # noqa: ANN001
     gen = torch.Generator().manual_seed(0)
-    fmap = torch.randn(1, 3, 81, 81, generator=gen, requires_grad=True)
-    coords = torch.randint(0, 321, (1, 200, 2), generator=gen)
-    weights = torch.randn(1, 200, 3, generator=gen)
-    (sample_points(fmap, coords, 4) * weights).sum().backward()
+    fmap = torch.randn(2, 3, 81, 81, generator=gen, requires_grad=True)
+    coords = torch.randint(0, 321, (2, 200, 2), generator=gen)
+    weights = torch.randn(2, 200, 3, generator=gen)
+    (reader(fmap, coords, 4) * weights).sum().backward()
     ours = fmap.grad.clone()
     fmap.grad = None
     (_reference_upsampled(fmap, coords, (321, 321), 4) * weights).sum().backward()
     torch.testing.assert_close(ours, fmap.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "stride", "grid"), [(80, 80, 4, 32), (321, 290, 4, 32), (64, 48, 8, 5), (30, 30, 4, 40)]
+)
+def test_sample_grid_equals_upsample_at_the_grid_points_with_gradient(
+    height: int, width: int, stride: int, grid: int
+) -> None:
+    gen = torch.Generator().manual_seed(height * width + grid)
+    h, w = math.ceil(height / stride) + 1, math.ceil(width / stride)  # one padded map row, as a padded forward
+    fmap = torch.randn(3, 6, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = grid_points(3, height, width, grid)
+    got = sample_grid(fmap, height, width, grid, stride)
+    expected = _reference_upsampled(fmap, coords, (height, width), stride)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((got * weights).sum(), fmap)
+    (g_ref,) = torch.autograd.grad((expected * weights).sum(), fmap)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_gather_points() -> None:

@@ -7,14 +7,50 @@ Classes whose bank features are the most scattered get ``n_add`` extra K-Means c
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from brpg_lightning.brpg.clustering import Float32Chunks
-
 INDICATORS = ("cosine", "l2")
+
+CHUNK_ELEMS = {"cpu": 2**20, "cuda": 2**27}
+"""float32 elements of ``x`` converted at once, by device type (4 MiB: cache-sized on the CPU;
+512 MiB on a GPU, where fewer, larger kernels win); other devices use the CUDA value."""
+
+
+
+class Float32Chunks:
+    """float32 slices ``x[:, s:e]`` of ``x (G, N, D)`` (any float dtype) with invalid rows zeroed,
+    converted on every pass into one reused buffer of about ``budget`` elements (default
+    :data:`CHUNK_ELEMS` for the device): no ``(G, N, D)`` float32 copy is made, and a cache-sized
+    buffer makes the conversion cheap next to the work that reads it. Iterating yields
+    ``(start, end, chunk)``; a chunk is only valid until the next one.
+    """
+
+    def __init__(self, x: Tensor, valid: Tensor, budget: int | None = None) -> None:
+        self.x, self.valid = x, valid
+        g, n, d = x.shape
+        if budget is None:
+            budget = CHUNK_ELEMS.get(x.device.type, CHUNK_ELEMS["cuda"])
+        self.n = n
+        self.rows = max(1, min(n, budget // max(1, g * d)))
+        self.buffer = torch.empty(g, self.rows, d, dtype=torch.float32, device=x.device)
+        # chunks with an invalid row are masked on every pass; one host sync here, none per pass
+        holes = (~valid).any(0)
+        pad = (-n) % self.rows
+        holes = torch.cat([holes, holes.new_zeros(pad)]).view(-1, self.rows).any(1)
+        self.holes = holes.tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int, Tensor]]:
+        for i, start in enumerate(range(0, self.n, self.rows)):
+            end = min(self.n, start + self.rows)
+            xc = self.buffer[:, : end - start]
+            xc.copy_(self.x[:, start:end])
+            if self.holes[i]:
+                xc.masked_fill_(~self.valid[:, start:end, None], 0.0)
+            yield start, end, xc
 
 
 def _check(indicator: str) -> None:

@@ -11,10 +11,24 @@ Stages by epoch ``e`` (0-based, an epoch = one pass over the unlabeled set):
 - first step of ``e >= T_S2``: APO counts (Eq. 11-14) and K-Means prototypes (Eq. 10).
 - ``e >= T_S2``: ``L = L_s + lambda_u L_u + lambda_pro L_pro`` (Eq. 15-21) and prototype EMA (Eq. 22).
 
+Late classes (no class left without prototypes): a class with no bank features at ``T_S2`` gets no
+prototype at clustering. At the first later step whose labeled grid points (Eq. 17; gathered from
+every rank, in rank order) hold at least ``n0_h + n0_lw`` points of that class (ground truth), the
+class gets its prototypes from those student features: ``prototype_init`` (K-Means with the same seed
+and iterations, or random points) into ``n0_h + n0_lw`` centres, the first ``n0_h`` in the high bank's
+slots and the next ``n0_lw`` in the low bank's (``plain``: all in its one bank; no APO extra, which is
+decided once at ``T_S2``). They join ``L_pro`` in that same step and then follow the usual Eq. (22)
+EMA. The input is identical on every rank and the clustering seeded, so every rank initialises alike;
+the prototypes, their mask and the step of each class's initialisation are in ``state_dict``.
+
 DDP: bank inserts are gathered from all ranks (tensor all_gather), clustering is seeded identically and
 its result broadcast from rank 0, prototype statistics are all-reduced before the update, so banks and
 prototypes are identical on every rank. State (stage, banks while sampling, prototypes, class thresholds)
 is saved through ``state_dict`` and loads with ``torch.load(weights_only=True)``.
+
+Statistics: :meth:`BRPGCallback.statistics` returns the run's BRPG statistics (bank fill, dispersion,
+APO picks, prototypes per class, classes without prototypes, eta_t); their scalars are logged at every
+epoch end under ``brpg/...`` (keys in :meth:`BRPGCallback.epoch_scalars`).
 """
 
 from __future__ import annotations
@@ -31,9 +45,9 @@ from torch import Tensor
 
 from brpg_lightning.brpg import distributed as dist
 from brpg_lightning.brpg.apo import apo_extra, dispersion
-from brpg_lightning.brpg.clustering import kmeans
+from brpg_lightning.brpg.clustering import KMeansResult, kmeans, random_centers
 from brpg_lightning.brpg.memory_bank import MemoryBank
-from brpg_lightning.brpg.prototype_loss import prototype_ce
+from brpg_lightning.brpg.prototype_loss import prototype_ce, prototype_similarities
 from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
 from brpg_lightning.brpg.sampling import (
     bank_masks,
@@ -42,6 +56,7 @@ from brpg_lightning.brpg.sampling import (
     grid_points,
     random_points,
     random_subset,
+    sample_grid,
     sample_points,
 )
 from brpg_lightning.brpg.schedules import eta_t as eta_t_schedule
@@ -55,6 +70,8 @@ log = logging.getLogger(__name__)
 
 BANK_KINDS = ("confidence", "plain")
 INDICATORS = ("cosine", "l2")
+PROTOTYPE_INITS = ("kmeans", "random")
+STAGES = ("pretrain", "sampling", "prototype")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -95,6 +112,10 @@ class BRPGCallback(pl.Callback):
         apo: add prototypes to the most scattered classes (Eq. 11-14).
         alpha_t, n_add, indicator: APO class proportion (5 %), prototypes added (1), ``cosine`` | ``l2``.
         kmeans_iters, kmeans_seed: K-Means budget and seed (identical on every rank).
+        kmeans_points_per_centroid: faiss subsample per centre (``None``: every bank feature, Eq. 10 as
+            written; faiss's own default is 256: much faster on full banks, slightly higher inertia).
+        prototype_init: ``kmeans`` (CPG, Eq. 10) or ``random`` (paper Fig. 7 "random": each group's
+            prototypes are distinct bank features drawn uniformly with ``kmeans_seed``, no clustering).
         tau: temperature (Eq. 16; 0.1). grid: labeled grid granularity (Eq. 17; 32 -> 32x32 points).
         M_u: unlabeled points per image (Eq. 18; 1000). eta_0, eta_e: Eq. (19) ramp (0.8 -> 0.95).
         lambda_pro: weight of L_pro (Eq. 21; 1). prototype_ema: alpha of Eq. (22) (0.99).
@@ -129,6 +150,8 @@ class BRPGCallback(pl.Callback):
         indicator: str = "cosine",
         kmeans_iters: int = 50,
         kmeans_seed: int = 0,
+        kmeans_points_per_centroid: int | None = None,
+        prototype_init: str = "kmeans",
         tau: float = 0.1,
         grid: int = 32,
         M_u: int = 1000,
@@ -147,6 +170,7 @@ class BRPGCallback(pl.Callback):
             ("indicator", indicator, INDICATORS),
             ("storage_dtype", storage_dtype, tuple(DTYPES)),
             ("feature_source", feature_source, FEATURE_SOURCES),
+            ("prototype_init", prototype_init, PROTOTYPE_INITS),
         ):
             if value not in choices:
                 raise BRPGInputError(f"brpg.{key}={value!r}; expected one of {', '.join(choices)}")
@@ -159,6 +183,8 @@ class BRPGCallback(pl.Callback):
         self.banks, self.n0_h, self.n0_lw = banks, int(n0_h), int(n0_lw)
         self.apo, self.alpha_t, self.n_add, self.indicator = bool(apo), float(alpha_t), int(n_add), indicator
         self.kmeans_iters, self.kmeans_seed = int(kmeans_iters), int(kmeans_seed)
+        self.prototype_init = prototype_init
+        self.kmeans_points_per_centroid = None if kmeans_points_per_centroid is None else int(kmeans_points_per_centroid)
         self.tau, self.grid, self.M_u = float(tau), int(grid), int(M_u)
         self.eta_0, self.eta_e, self.lambda_pro = float(eta_0), float(eta_e), float(lambda_pro)
         self.prototype_ema, self.feature_source = float(prototype_ema), feature_source
@@ -175,7 +201,12 @@ class BRPGCallback(pl.Callback):
         self.proto_mask: Tensor | None = None  # (C, K) bool
         self.proto_bank: Tensor | None = None  # (C, K) long: 0 high, 1 low
         self.start_step: int | None = None  # global step at the first prototype step
+        self.init_step: Tensor | None = None  # (C,) long: global step of each class's first prototypes, -1 none
+        self.missing: list[int] = []  # classes without prototypes in the prototype stage (host copy)
         self.last_stats: dict[str, Any] = {}
+        self.epoch = 0  # current epoch as last seen (statistics)
+        self.last_eta_t: float | None = None
+        self.last_fill: Tensor | None = None  # (banks, C) bank fill at the last epoch end / clustering
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -194,10 +225,16 @@ class BRPGCallback(pl.Callback):
         """Checkpoint key: the class name, plus the network when not the default (two CPS instances)."""
         return super().state_key if self.network == "student" else self._generate_state_key(network=self.network)
 
+    @property
+    def bank_names(self) -> list[str]:
+        """``["high", "low"]`` (CPG) or ``["plain"]``: the banks, in the order of the prototype slots."""
+        return ["high", "low"] if self.banks == "confidence" else ["plain"]
+
     def on_train_step_context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: TrainStepContext) -> None:
         if ctx.network != self.network:
             return
         pl_module = _NetworkLog(pl_module, self.network) if self.network != "student" else pl_module
+        self.epoch = int(ctx.epoch)
         stage = self.stage(ctx.epoch)
         if stage == "sampling":
             self.sample(ctx, pl_module)
@@ -282,7 +319,10 @@ class BRPGCallback(pl.Callback):
         c = self.num_classes
         device = pl_module.device
         if self.bank_high is None:
-            rank_zero_warn("BRPG: clustering with empty banks (no sampling step ran); no prototypes")
+            rank_zero_warn(
+                "BRPG: clustering with empty banks (no sampling step ran); every class gets its prototypes "
+                "from labeled points later (late classes)"
+            )
             d = 1
             self._ensure_banks(d, device)
         banks = [self.bank_high] + ([self.bank_low] if self.bank_low is not None else [])
@@ -295,7 +335,7 @@ class BRPGCallback(pl.Callback):
         if self.apo:
             extra = torch.cat([apo_extra(s, self.alpha_t, self.indicator, self.n_add) for s in scores]).to(k)
             k = k + extra
-        result = kmeans(x, valid, k, iters=self.kmeans_iters, seed=self.kmeans_seed)
+        result = self._centers(x, valid, k)
         centers = dist.broadcast_(result.centers.contiguous())
         cmask = dist.broadcast_(result.center_mask.contiguous())
 
@@ -305,12 +345,19 @@ class BRPGCallback(pl.Callback):
         self.proto_mask = cmask.view(nb, c, k_max).permute(1, 0, 2).reshape(c, nb * k_max)
         self.proto_bank = torch.arange(nb, device=device).view(1, nb, 1).expand(c, nb, k_max).reshape(c, -1)
         self.start_step = int(global_step)
+        has = self.proto_mask.any(1)
+        self.init_step = torch.where(has, int(global_step), -1).long().cpu()
+        self.missing = [cls for cls, h in enumerate(has.tolist()) if not h]
 
         fill = torch.stack([b.fill() for b in banks])  # (nb, C)
+        self.last_fill = fill.cpu()
         counts = self.proto_mask.sum(1)
         for cls in range(c):
             if counts[cls] == 0:
-                rank_zero_warn(f"BRPG: class {cls} has no bank features; it gets no prototype (masked in L_pro)")
+                rank_zero_warn(
+                    f"BRPG: class {cls} has no bank features; it gets prototypes from the first step whose "
+                    f"labeled points hold >= {self.n0_h + self.n0_lw} of its pixels (masked in L_pro until then)"
+                )
             elif bool(((fill[:, cls] < k.view(nb, c)[:, cls]) & (fill[:, cls] > 0)).any()) or bool(
                 (fill[:, cls] == 0).any()
             ):
@@ -319,12 +366,7 @@ class BRPGCallback(pl.Callback):
                     f"it keeps {int(counts[cls])} prototype(s) from the available features"
                 )
         picks = extra.view(nb, c)
-        bank_names = ["high", "low"] if nb == 2 else ["plain"]
-        for b, bname in enumerate(bank_names):
-            for cls in range(c):
-                pl_module.log(f"brpg/dispersion_{bname}/{cls}", float(scores[b, cls].nan_to_num(-1.0)), batch_size=1)
-        for cls in range(c):
-            pl_module.log(f"brpg/prototypes/{cls}", float(counts[cls]), batch_size=1)
+        bank_names = self.bank_names
         picked = {bname: [cls for cls in range(c) if picks[b, cls] > 0] for b, bname in enumerate(bank_names)}
         elapsed = time.perf_counter() - start
         self.last_stats = {
@@ -338,6 +380,56 @@ class BRPGCallback(pl.Callback):
         if self.save_snapshot and trainer.is_global_zero:
             self._write_snapshot(trainer, banks)
         self.bank_high = self.bank_low = self.conf_high = self.conf_low = None  # free bank memory
+
+    def _centers(self, x: Tensor, valid: Tensor, k: Tensor) -> KMeansResult:
+        """``prototype_init``: K-Means (Eq. 10) or random features (Fig. 7) of each group."""
+        if self.prototype_init == "random":
+            return random_centers(x, valid, k, seed=self.kmeans_seed)
+        return kmeans(
+            x, valid, k, iters=self.kmeans_iters, seed=self.kmeans_seed,
+            points_per_centroid=self.kmeans_points_per_centroid,
+        )
+
+    @torch.no_grad()
+    def init_late_classes(self, feats: Tensor, labels: Tensor, global_step: int) -> list[int]:
+        """Prototypes for classes without any, from this step's labeled points (module docstring rule).
+
+        ``feats (N, D)`` and ``labels (N,)`` are this rank's labeled grid points (ground truth,
+        ``IGNORE_INDEX`` allowed); they are gathered from every rank first, so all ranks decide and
+        cluster alike. Returns the classes initialised now.
+        """
+        feats = dist.gather_variable(feats.detach().float().contiguous())
+        labels = dist.gather_variable(labels.contiguous())
+        need = self.n0_h + self.n0_lw
+        c = self.num_classes
+        keep = (labels >= 0) & (labels < c)
+        present = torch.bincount(labels[keep], minlength=c).tolist()  # one host sync, only while classes lack
+        ready = [cls for cls in self.missing if present[cls] >= need]
+        if not ready:
+            return []
+        nb = len(self.bank_names)
+        if self.prototypes.shape[-1] != feats.shape[1]:  # clustered from empty banks: no prototype exists yet
+            k_max = max(self.prototypes.shape[1] // nb, self.n0_h, self.n0_lw, need if nb == 1 else 0)
+            self.prototypes = feats.new_zeros(c, nb * k_max, feats.shape[1])
+            self.proto_mask = torch.zeros(c, nb * k_max, dtype=torch.bool, device=feats.device)
+            self.proto_bank = torch.arange(nb, device=feats.device).repeat_interleave(k_max).expand(c, -1).clone()
+        k_max = self.prototypes.shape[1] // nb
+        per_bank = [self.n0_h, self.n0_lw] if nb == 2 else [need]
+        slots = [b * k_max + j for b, n in enumerate(per_bank) for j in range(n)]
+        protos, pmask = self.prototypes.clone(), self.proto_mask.clone()
+        for cls in ready:
+            f = feats[labels == cls]
+            res = self._centers(f.unsqueeze(0), torch.ones(1, f.shape[0], dtype=torch.bool, device=f.device),
+                                torch.tensor([need], device=f.device))
+            new = res.centers[0][res.center_mask[0]].to(protos)  # (m <= need, D); m < need only for duplicates
+            idx = torch.tensor(slots[: new.shape[0]], device=protos.device)
+            protos[cls, idx] = new
+            pmask[cls, idx] = True
+            self.init_step[cls] = int(global_step)
+        self.prototypes, self.proto_mask = protos, pmask
+        self.missing = [cls for cls in self.missing if cls not in ready]
+        rank_zero_info(f"BRPG[{self.name}]: classes {ready} got their first prototypes at step {global_step}")
+        return ready
 
     def _write_snapshot(self, trainer: pl.Trainer, banks: list[MemoryBank]) -> None:
         conf_banks = [self.conf_high] + ([self.conf_low] if self.conf_low is not None else [])
@@ -367,21 +459,25 @@ class BRPGCallback(pl.Callback):
     def current_eta_t(self, ctx: TrainStepContext) -> float:
         """Eq. (19): iterations counted from the first prototype step to the end of training."""
         start = self.start_step if self.start_step is not None else ctx.global_step
-        return eta_t_schedule(ctx.global_step - start, ctx.total_steps - start, self.eta_0, self.eta_e)
+        self.last_eta_t = eta_t_schedule(ctx.global_step - start, ctx.total_steps - start, self.eta_0, self.eta_e)
+        return self.last_eta_t
 
     def prototype_step(self, ctx: TrainStepContext, pl_module: pl.LightningModule) -> None:
         """Add ``lambda_pro * (L_pro^l + L_pro^u)`` to the step and update the prototypes (Eq. 22)."""
         device = ctx.labels.device
         if self.prototypes.device != device:
             self.prototypes, self.proto_mask = self.prototypes.to(device), self.proto_mask.to(device)
-        protos, pmask = self.prototypes, self.proto_mask
         out_l = ctx.labeled
         b_l, (h, w) = ctx.labels.shape[0], ctx.labels.shape[-2:]
-        coords = grid_points(b_l, h, w, self.grid, device=device)
-        f_l = sample_points(out_l.select(self.feature_source), coords, out_l.stride).flatten(0, 1)
-        y_l = gather_points(ctx.labels, coords).flatten()
-        loss_l, _ = prototype_ce(f_l, y_l, protos, pmask, self.tau, IGNORE_INDEX)
-        feats, labels = [f_l.detach()], [y_l]
+        f_l = sample_grid(out_l.select(self.feature_source), h, w, self.grid, out_l.stride).flatten(0, 1)
+        y_l = gather_points(ctx.labels, grid_points(b_l, h, w, self.grid, device=device)).flatten()
+        if self.missing:
+            self.init_late_classes(f_l, y_l, ctx.global_step)
+        protos, pmask = self.prototypes, self.proto_mask
+        # similarities computed once per branch, shared by L_pro and the Eq. (22) assignment
+        sim_l = prototype_similarities(f_l, protos)
+        loss_l, _ = prototype_ce(f_l, y_l, protos, pmask, self.tau, IGNORE_INDEX, sim=sim_l)
+        branches = [(f_l, y_l, sim_l)]
         loss = loss_l
         pl_module.log("brpg/L_pro_l", loss_l.detach(), batch_size=b_l)
 
@@ -391,12 +487,13 @@ class BRPGCallback(pl.Callback):
             cand = valid & (ctx.pseudo_confidence >= eta)
             out_u = ctx.unlabeled_student
             coords_u, ok = random_points(cand, self.M_u)
-            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride)[ok]
-            y_u = gather_points(ctx.pseudo_labels, coords_u)[ok]
-            loss_u, _ = prototype_ce(f_u, y_u, protos, pmask, self.tau, IGNORE_INDEX)
+            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride).flatten(0, 1)
+            # points short of M_u (few candidates) are ignored by label: no (N, D) row selection
+            y_u = gather_points(ctx.pseudo_labels, coords_u).masked_fill(~ok, IGNORE_INDEX).flatten()
+            sim_u = prototype_similarities(f_u, protos)
+            loss_u, _ = prototype_ce(f_u, y_u, protos, pmask, self.tau, IGNORE_INDEX, sim=sim_u)
             loss = loss + loss_u
-            feats.append(f_u.detach())
-            labels.append(y_u)
+            branches.append((f_u, y_u, sim_u))
             share = cand.sum().float() / valid.sum().clamp_min(1).float()
             pl_module.log("brpg/L_pro_u", loss_u.detach(), batch_size=b_l)
             pl_module.log("brpg/eta_t", eta, batch_size=1)
@@ -404,23 +501,89 @@ class BRPGCallback(pl.Callback):
         ctx.add_loss("L_pro", self.lambda_pro * loss)
 
         with torch.no_grad():
-            sums, counts = assignment_stats(torch.cat(feats).float(), torch.cat(labels), protos, pmask, IGNORE_INDEX)
+            sums, counts = None, None
+            for f, y, sim in branches:
+                s, n = assignment_stats(f.detach(), y, protos, pmask, IGNORE_INDEX, sim=sim)
+                sums, counts = (s, n) if sums is None else (sums + s, counts + n)
             dist.all_reduce_sum_(sums)
             dist.all_reduce_sum_(counts)
             self.prototypes = ema_update(protos, sums, counts, self.prototype_ema)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch = int(trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log :meth:`epoch_scalars` (every epoch, every stage)."""
         pl_module = _NetworkLog(pl_module, self.network) if self.network != "student" else pl_module
-        if self.stage(trainer.current_epoch) == "sampling" and self.bank_high is not None:
-            names = ["high", "low"]
-            for name, bank in zip(names, (self.bank_high, self.bank_low), strict=False):
-                if bank is None:
-                    continue
-                for cls, n in enumerate(bank.fill().tolist()):
-                    pl_module.log(f"brpg/bank_fill_{name}/{cls}", float(n), batch_size=1)
-            if self.class_thresholds:
-                for cls, t in enumerate(self.thresholds.tolist()):
-                    pl_module.log(f"brpg/eta_s/{cls}", t, batch_size=1)
+        self.epoch = int(trainer.current_epoch)
+        for key, value in self.epoch_scalars().items():
+            pl_module.log(key, value, batch_size=1)
+
+    def statistics(self, epoch: int | None = None) -> dict[str, Any]:
+        """BRPG statistics of the run as it stands (plain Python values, JSON-serialisable except NaN).
+
+        Keys: ``epoch``, ``stage`` (``pretrain`` | ``sampling`` | ``prototype``); ``bank_fill``
+        ``{bank: [per class]}`` (the live banks while sampling, their fill at clustering afterwards,
+        None before sampling); ``dispersion`` ``{bank: [per class, NaN for an empty bank]}`` (Eq. 11/13)
+        and ``apo_extra`` ``{bank: [extra prototypes per class]}`` and ``apo_picks`` ``{bank: [classes]}``
+        (Eq. 12/14), None before clustering; ``prototypes_per_class`` ``[C]`` (0 before clustering);
+        ``classes_without_prototypes`` (the classes, all of them before clustering); ``init_step``
+        ``[C]`` (global step of each class's first prototypes, -1 none; later than the clustering step
+        for late classes); ``eta_t`` (Eq. 19 at the last prototype step, None before); ``eta_s``
+        (per-class thresholds with ``class_thresholds``, else None).
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        c = int(self.num_classes or 0)
+        names = self.bank_names
+        live = [b for b in (self.bank_high, self.bank_low) if b is not None]
+        fill = torch.stack([b.fill().cpu() for b in live]) if live else self.last_fill
+        stats: dict[str, Any] = {"epoch": epoch, "stage": self.stage(epoch)}
+        stats["bank_fill"] = None if fill is None else {n: fill[i].tolist() for i, n in enumerate(names)}
+        disp, extra = self.last_stats.get("dispersion"), self.last_stats.get("apo_extra")
+        stats["dispersion"] = None if disp is None else {n: disp[i].tolist() for i, n in enumerate(names)}
+        stats["apo_extra"] = None if extra is None else {n: extra[i].tolist() for i, n in enumerate(names)}
+        stats["apo_picks"] = None if extra is None else {
+            n: [cls for cls, e in enumerate(extra[i].tolist()) if e > 0] for i, n in enumerate(names)
+        }
+        if self.proto_mask is not None:
+            counts = self.proto_mask.sum(1).tolist()
+        else:
+            counts = [0] * c
+        stats["prototypes_per_class"] = counts
+        stats["classes_without_prototypes"] = [cls for cls, n in enumerate(counts) if n == 0]
+        stats["init_step"] = self.init_step.tolist() if self.init_step is not None else [-1] * c
+        stats["eta_t"] = self.last_eta_t
+        stats["eta_s"] = self.thresholds.tolist() if self.class_thresholds and self.thresholds is not None else None
+        return stats
+
+    def epoch_scalars(self, epoch: int | None = None) -> dict[str, float]:
+        """The scalars of :meth:`statistics` under their logged keys (logged at every epoch end).
+
+        ``brpg/stage`` (0 pretrain, 1 sampling, 2 prototype), ``brpg/classes_without_prototypes``,
+        ``brpg/prototypes_total``, ``brpg/prototypes/<class index>``; once banks exist
+        ``brpg/bank_fill_<bank>/<class>``; after clustering ``brpg/dispersion_<bank>/<class>`` (classes
+        with an empty bank left out) and ``brpg/apo_extra_<bank>/<class>``; in the prototype stage
+        ``brpg/eta_t_epoch`` (Eq. 19 at the epoch's last step); with ``class_thresholds``
+        ``brpg/eta_s/<class>``. ``<bank>`` is ``high``/``low`` (CPG) or ``plain``.
+        """
+        stats = self.statistics(epoch)
+        out: dict[str, float] = {
+            "brpg/stage": float(STAGES.index(stats["stage"])),
+            "brpg/classes_without_prototypes": float(len(stats["classes_without_prototypes"])),
+            "brpg/prototypes_total": float(sum(stats["prototypes_per_class"])),
+        }
+        for cls, n in enumerate(stats["prototypes_per_class"]):
+            out[f"brpg/prototypes/{cls}"] = float(n)
+        for key, name in (("bank_fill", "bank_fill"), ("dispersion", "dispersion"), ("apo_extra", "apo_extra")):
+            for bank, values in (stats[key] or {}).items():
+                for cls, v in enumerate(values):
+                    if v == v:  # NaN dispersion (empty bank) is left out
+                        out[f"brpg/{name}_{bank}/{cls}"] = float(v)
+        if stats["stage"] == "prototype" and stats["eta_t"] is not None:
+            out["brpg/eta_t_epoch"] = float(stats["eta_t"])
+        for cls, t in enumerate(stats["eta_s"] or []):
+            out[f"brpg/eta_s/{cls}"] = float(t)
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -429,7 +592,13 @@ class BRPGCallback(pl.Callback):
         While sampling, both banks are saved: ``2 * C * V * (D * bytes(storage_dtype) + 2)`` bytes, e.g.
         about 650 MB for PASCAL (C=21, V=30000, D=256, float16). After clustering only the prototypes.
         """
-        state: dict[str, Any] = {"version": 1, "thresholds": self.thresholds, "start_step": self.start_step}
+        state: dict[str, Any] = {"version": 2, "thresholds": self.thresholds, "start_step": self.start_step}
+        state["last_eta_t"], state["epoch"] = self.last_eta_t, self.epoch
+        for name in ("last_fill", "init_step"):
+            t = getattr(self, name)
+            state[name] = None if t is None else t.cpu()
+        for key in ("dispersion", "apo_extra"):
+            state[f"stats_{key}"] = self.last_stats.get(key)
         for name in ("prototypes", "proto_mask", "proto_bank"):
             t = getattr(self, name)
             state[name] = None if t is None else t.cpu()
@@ -443,6 +612,17 @@ class BRPGCallback(pl.Callback):
         self.start_step = state_dict.get("start_step")
         for name in ("prototypes", "proto_mask", "proto_bank"):
             setattr(self, name, state_dict.get(name))
+        self.last_eta_t = state_dict.get("last_eta_t")
+        self.epoch = int(state_dict.get("epoch") or 0)
+        self.last_fill = state_dict.get("last_fill")
+        self.init_step = state_dict.get("init_step")
+        if self.init_step is None and self.proto_mask is not None:  # version 1: no late classes
+            self.init_step = torch.where(self.proto_mask.any(1).cpu(), int(self.start_step or 0), -1).long()
+        self.last_stats = {k: state_dict[f"stats_{k}"] for k in ("dispersion", "apo_extra")
+                           if state_dict.get(f"stats_{k}") is not None}
+        self.missing = [] if self.proto_mask is None else [
+            cls for cls, h in enumerate(self.proto_mask.any(1).tolist()) if not h
+        ]
         for name in ("bank_high", "bank_low", "conf_high", "conf_low"):
             bank_state = state_dict.get(name)
             if bank_state is None:

@@ -15,6 +15,7 @@ def assignment_stats(
     prototypes: Tensor,
     proto_mask: Tensor,
     ignore_index: int = IGNORE_INDEX,
+    sim: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-prototype sums and counts of the features assigned to it (the terms of ``f_bar_{c,k}``, Eq. 22).
 
@@ -26,6 +27,8 @@ def assignment_stats(
 
     Args:
         feats: ``(N, D)``; labels: ``(N,)`` long; prototypes: ``(C, K, D)``; proto_mask: ``(C, K)`` bool.
+        sim: the ``(N, C, K)`` cosine similarities of ``feats`` to ``prototypes`` when already computed
+            (``prototype_loss.prototype_similarities``, shared with L_pro); else computed here.
 
     Returns:
         ``sums (C, K, D)`` float32 and ``counts (C, K)`` float32.
@@ -49,8 +52,11 @@ def assignment_stats(
     f, y = feats[used], labels[used]
     if y.numel() > 0:
         with torch.autocast(device_type=feats.device.type, enabled=False):
-            r = F.normalize(prototypes.detach().float(), dim=2).view(c * k, d)
-            sim = (F.normalize(f, dim=1) @ r.t()).view(-1, c, k)  # (n, C, K), one small matmul
+            if sim is None:
+                r = F.normalize(prototypes.detach().float(), dim=2).view(c * k, d)
+                sim = (F.normalize(f, dim=1) @ r.t()).view(-1, c, k)  # (n, C, K), one small matmul
+            else:
+                sim = sim.detach().float()[used]
             own = sim[torch.arange(y.numel(), device=y.device), y]  # (n, K): prototypes of its own class
             best = own.masked_fill(~mask[y], float("-inf")).argmax(1)  # (n,)
         slot = y * k + best

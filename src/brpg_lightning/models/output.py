@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,6 @@ FEATURE_SOURCES = ("features", "logits", "decoder")
 """Names of the maps a :class:`SegmentorOutput` carries (BRPG's feature source, paper Table 9)."""
 
 
-@dataclass
 class SegmentorOutput:
     """One forward pass of a :class:`~brpg_lightning.models.segmentor.Segmentor`.
 
@@ -21,15 +20,36 @@ class SegmentorOutput:
 
     Attributes:
         logits: classification head output, ``(B, C, h, w)``.
-        features: feature head output (paper Sec. 4.1.3, 256-d by default), ``(B, D, h, w)``.
+        features: feature head output (paper Sec. 4.1.3, 256-d by default), ``(B, D, h, w)``. It may
+            be given as a zero-argument callable (the segmentor does so in eval mode): it is then
+            computed on first access and kept, and never computed when nothing reads it.
         decoder: the decoder's shared features both heads read, ``(B, D_dec, h, w)``.
         stride: input pixels per decoder pixel (4 for DeepLabV3+ and SegFormer).
     """
 
-    logits: Tensor
-    features: Tensor
-    decoder: Tensor
-    stride: int
+    def __init__(
+        self, logits: Tensor, features: Tensor | Callable[[], Tensor], decoder: Tensor, stride: int
+    ) -> None:
+        self.logits, self._features, self.decoder, self.stride = logits, features, decoder, stride
+
+    @property
+    def features(self) -> Tensor:
+        if callable(self._features):
+            self._features = self._features()
+        return self._features
+
+    @features.setter
+    def features(self, value: Tensor | Callable[[], Tensor]) -> None:
+        self._features = value
+
+    @property
+    def features_computed(self) -> bool:
+        """False while ``features`` is a callable that nothing has read yet."""
+        return not callable(self._features)
+
+    def __repr__(self) -> str:
+        feats = tuple(self._features.shape) if self.features_computed else "lazy"
+        return f"SegmentorOutput(logits={tuple(self.logits.shape)}, features={feats}, stride={self.stride})"
 
     def select(self, source: str) -> Tensor:
         """The map named ``source`` (one of :data:`FEATURE_SOURCES`)."""
@@ -38,15 +58,21 @@ class SegmentorOutput:
         return getattr(self, source)
 
     def detach(self) -> SegmentorOutput:
-        """The same maps cut from the autograd graph."""
-        return SegmentorOutput(self.logits.detach(), self.features.detach(), self.decoder.detach(), self.stride)
+        """The same maps cut from the autograd graph (lazy features stay lazy)."""
+        feats = self._features.detach() if self.features_computed else (lambda: self.features.detach())
+        return SegmentorOutput(self.logits.detach(), feats, self.decoder.detach(), self.stride)
 
     def split(self, sizes: list[int]) -> list[SegmentorOutput]:
-        """Split along the batch dimension (a joint forward of labeled + unlabeled images)."""
-        parts = zip(
-            self.logits.split(sizes), self.features.split(sizes), self.decoder.split(sizes), strict=True
-        )
-        return [SegmentorOutput(lo, fe, de, self.stride) for lo, fe, de in parts]
+        """Split along the batch dimension (a joint forward of labeled + unlabeled images).
+
+        Lazy features stay lazy: the first part read computes the whole batch's features once.
+        """
+        logits, decoder = self.logits.split(sizes), self.decoder.split(sizes)
+        if self.features_computed:
+            feats: list = list(self._features.split(sizes))
+        else:
+            feats = [lambda i=i: self.features.split(sizes)[i] for i in range(len(sizes))]
+        return [SegmentorOutput(lo, fe, de, self.stride) for lo, fe, de in zip(logits, feats, decoder, strict=True)]
 
 
 def resize_to_input(x: Tensor, size: tuple[int, int], stride: int, mode: str = "bilinear") -> Tensor:

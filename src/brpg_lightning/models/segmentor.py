@@ -13,6 +13,7 @@ offline (:func:`create_smp_model`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import segmentation_models_pytorch as smp
 import torch
@@ -221,6 +222,7 @@ class Segmentor(nn.Module):
         ``x`` is zero-padded bottom/right to a multiple of :attr:`pad_multiple`, and every map is
         cropped back to ``(ceil(H / stride), ceil(W / stride))``, so that
         :func:`~brpg_lightning.models.output.resize_to_input` restores the un-padded geometry.
+        In eval mode the feature head runs only when ``features`` is first read (:meth:`_lazy_features`).
         """
         if x.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
@@ -230,14 +232,36 @@ class Segmentor(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         decoded = self.decoder(self.encoder(x))
         logits = self.classifier(decoded)
-        features = self.feature_head(decoded)
         h, w = math.ceil(height / self.stride), math.ceil(width / self.stride)
-        return SegmentorOutput(
-            logits=logits[..., :h, :w],
-            features=features[..., :h, :w],
-            decoder=decoded[..., :h, :w],
-            stride=self.stride,
-        )
+        if self.training:
+            features = self.feature_head(decoded)[..., :h, :w]
+        else:
+            features = self._lazy_features(decoded, h, w)
+        return SegmentorOutput(logits[..., :h, :w], features, decoded[..., :h, :w], self.stride)
+
+    def _lazy_features(self, decoded: Tensor, h: int, w: int) -> Callable[[], Tensor]:
+        """The eval-mode feature head, run on first access to ``SegmentorOutput.features``.
+
+        In eval mode the head changes no state (BatchNorm reads its running statistics, dropout is
+        off), so running it later gives the same tensor, as long as the parameters have not changed
+        (read it within the training step, before the optimiser step or EMA update). It runs in eval
+        mode and in the grad mode of the forward. Mean teacher's teacher forward and validation read
+        only logits outside BRPG's sampling stage, so this skips the head there (issue 8, item 6).
+        In train mode the head runs in ``forward``: its BatchNorm statistics follow every batch.
+        """
+        grad = torch.is_grad_enabled()
+        head = self.feature_head
+
+        def compute() -> Tensor:
+            was_training = head.training
+            head.eval()
+            try:
+                with torch.set_grad_enabled(grad):
+                    return head(decoded)[..., :h, :w]
+            finally:
+                head.train(was_training)
+
+        return compute
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by learning-rate group (Sec. 4.1.4).

@@ -1,0 +1,251 @@
+"""BRPGCallback: prototypes for classes absent at T_S2 (late classes), prototype_init, statistics()."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from brpg_lightning.brpg.callback import BRPGCallback
+from brpg_lightning.brpg.clustering import kmeans, random_centers
+from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
+from brpg_lightning.brpg.sampling import gather_points, grid_points, sample_points
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.methods.context import TrainStepContext
+from brpg_lightning.models.output import SegmentorOutput
+from tests.brpg.test_callback import C, D, H, S, StubModule, W, make_callback, make_ctx
+from tests.brpg.test_distributed import _free_port
+
+LATE = 3  # the class that never reaches a bank
+CENTRES = torch.eye(C, D) * 5.0
+
+
+def _out(labels: torch.Tensor, g: torch.Generator, grad: bool = False) -> SegmentorOutput:
+    b, h, w = labels.shape
+    logits = 3.0 * torch.nn.functional.one_hot(labels, C).permute(0, 3, 1, 2).float()
+    logits = logits + torch.rand(b, C, h, w, generator=g) * 4.0
+    feats = CENTRES[labels].permute(0, 3, 1, 2) + torch.randn(b, D, h, w, generator=g) * 0.3
+    if grad:
+        feats.requires_grad_(True)
+    return SegmentorOutput(logits, feats, feats, S)
+
+
+def ctx_with(epoch: int, step: int, seed: int, late_cells: int = 0, grad: bool = False) -> TrainStepContext:
+    """Labels of classes 0..2 only (class LATE absent), except ``late_cells`` cells of the first labeled
+    image set to LATE. Every labeled decoder cell holds exactly one grid point (grid 4 on 4x4 cells)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = H // S, W // S
+    lab = torch.randint(0, LATE, (2, h, w), generator=g)
+    lab.view(2, -1)[0, :late_cells] = LATE
+    t_lab = torch.randint(0, LATE, (2, h, w), generator=g)
+    up = lambda t: t.repeat_interleave(S, 1).repeat_interleave(S, 2)  # noqa: E731
+    return TrainStepContext(
+        epoch=epoch, global_step=step, total_steps=100, labeled=_out(lab, g, grad), labels=up(lab),
+        unlabeled_teacher=_out(t_lab, g), unlabeled_student=_out(t_lab, g, grad),
+        pseudo_labels=up(t_lab), pseudo_confidence=torch.rand(2, H, W, generator=g) * 0.3 + 0.7,
+    )
+
+
+def sampled_then_clustered(**kwargs) -> tuple[BRPGCallback, StubModule]:
+    cb, module = make_callback(**kwargs), StubModule()
+    for step in range(3):
+        cb.on_train_step_context(None, module, ctx_with(1, step, seed=step))
+    cb.on_train_step_context(None, module, ctx_with(2, 3, seed=3))  # clusters, class LATE still absent
+    return cb, module
+
+
+def labeled_points(ctx: TrainStepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    coords = grid_points(ctx.labels.shape[0], H, W, 4)
+    f = sample_points(ctx.labeled.features.detach(), coords, S).flatten(0, 1)
+    return f, gather_points(ctx.labels, coords).flatten()
+
+
+def test_late_class_gets_prototypes_from_its_first_labeled_points_then_follows_the_ema() -> None:
+    cb, module = sampled_then_clustered()
+    assert cb.missing == [LATE] and not bool(cb.proto_mask[LATE].any())
+    assert cb.statistics()["classes_without_prototypes"] == [LATE]
+    need = cb.n0_h + cb.n0_lw
+    # fewer labeled points of the class than prototypes: still none
+    cb.on_train_step_context(None, module, ctx_with(2, 4, seed=4, late_cells=need - 1))
+    assert cb.missing == [LATE] and int(cb.init_step[LATE]) == -1
+
+    ctx = ctx_with(2, 5, seed=5, late_cells=need + 2, grad=True)
+    before = cb.prototypes.clone()
+    f, y = labeled_points(ctx)
+    expected = kmeans(f[y == LATE].unsqueeze(0), torch.ones(1, need + 2, dtype=torch.bool),
+                      torch.tensor([need]), iters=cb.kmeans_iters, seed=cb.kmeans_seed)
+    cb.on_train_step_context(None, module, ctx)
+    assert cb.missing == [] and int(cb.init_step[LATE]) == 5
+    k_max = cb.prototypes.shape[1] // 2
+    slots = [0, 1, k_max, k_max + 1]  # n0_h = 2 high slots, then n0_lw = 2 low slots
+    assert cb.proto_mask[LATE].nonzero().flatten().tolist() == slots
+    assert cb.proto_bank[LATE, slots].tolist() == [0, 0, 1, 1]
+    # initialised in this step, then moved once by Eq. (22) with this step's features
+    init = before.clone()
+    init[LATE, slots] = expected.centers[0, :need]
+    # (pseudo-labels never hold LATE, so only the labeled points move its prototypes)
+    sums, counts = assignment_stats(f, y, init, cb.proto_mask)
+    ref = ema_update(init, sums, counts, cb.prototype_ema)
+    assert torch.allclose(cb.prototypes[LATE], ref[LATE], atol=1e-5)
+    centre = cb.prototypes[LATE, slots].mean(0)
+    assert int((centre - CENTRES).norm(dim=1).argmin()) == LATE  # in the late class's region
+    # it joins L_pro in the same step: the loss depends on the late class's features
+    ctx.losses["L_pro"].backward()
+    late_rows = (ctx.labels[0, ::S, ::S] == LATE)
+    assert ctx.labeled.features.grad[0][:, late_rows].abs().sum() > 0
+    stats = cb.statistics()
+    assert stats["classes_without_prototypes"] == [] and stats["prototypes_per_class"][LATE] == need
+    assert stats["init_step"][LATE] == 5 and stats["init_step"][0] == 3
+
+
+def test_late_initialisation_resumes_exactly_from_the_state_dict() -> None:
+    cb, module = sampled_then_clustered()
+    cb.on_train_step_context(None, module, ctx_with(2, 4, seed=4, late_cells=6))
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    buf.seek(0)
+    restored = make_callback()
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.missing == [] and torch.equal(restored.init_step, cb.init_step)
+    assert str(restored.statistics()) == str(cb.statistics())  # str: NaN dispersions compare equal
+    for run in (cb, restored):
+        torch.manual_seed(0)
+        run.on_train_step_context(None, module, ctx_with(2, 5, seed=5, late_cells=1))
+    assert torch.equal(cb.prototypes, restored.prototypes)
+
+    # saved before the class appeared: the restored run still knows it lacks prototypes
+    cb2, module2 = sampled_then_clustered()
+    restored2 = make_callback()
+    restored2.load_state_dict(cb2.state_dict())
+    assert restored2.missing == [LATE]
+    for run in (cb2, restored2):
+        torch.manual_seed(0)
+        run.on_train_step_context(None, module2, ctx_with(2, 4, seed=4, late_cells=6))
+    assert torch.equal(cb2.prototypes, restored2.prototypes) and restored2.missing == []
+
+
+def test_clustering_with_empty_banks_recovers_through_late_initialisation() -> None:
+    cb, module = make_callback(), StubModule()
+    cb.on_train_step_context(None, module, ctx_with(2, 0, seed=0, late_cells=6))  # no sampling step ran
+    assert cb.prototypes.shape[-1] == D  # re-allocated in the feature space
+    # classes 0..2 are on a 4x4 grid of 2 images: each has >= 4 points with this seed, LATE has 6
+    counts = cb.proto_mask.sum(1)
+    f, y = labeled_points(ctx_with(2, 0, seed=0, late_cells=6))
+    have = torch.bincount(y, minlength=C) >= 4
+    assert torch.equal(counts > 0, have) and torch.equal(counts[have], torch.full((int(have.sum()),), 4))
+
+
+def test_random_prototype_init_picks_bank_features() -> None:
+    cb, module = make_callback(prototype_init="random"), StubModule()
+    for step in range(3):
+        cb.on_train_step_context(None, module, make_ctx_all(1, step))
+    bank = {"high": cb.bank_high, "low": cb.bank_low}
+    rows = {name: [b.get(c).float() for c in range(C)] for name, b in bank.items()}
+    cb.cluster(None, module, 3)
+    k_max = cb.prototypes.shape[1] // 2
+    for c in range(C):
+        for slot in cb.proto_mask[c].nonzero().flatten().tolist():
+            source = rows["high" if slot < k_max else "low"][c]
+            assert (source - cb.prototypes[c, slot]).abs().amax(1).min() == 0  # an exact bank row
+    km = make_callback()
+    for step in range(3):
+        km.on_train_step_context(None, module, make_ctx_all(1, step))
+    km.cluster(None, module, 3)
+    assert torch.equal(km.proto_mask.sum(1), cb.proto_mask.sum(1))  # same counts (APO alike)
+    assert not torch.allclose(km.prototypes, cb.prototypes)
+    with pytest.raises(BRPGInputError, match="prototype_init"):
+        BRPGCallback(prototype_init="kmeans++")
+
+
+def make_ctx_all(epoch: int, step: int) -> TrainStepContext:
+    return make_ctx(epoch, step, 100, seed=step)
+
+
+def test_random_centers_against_a_brute_force_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 4, generator=g)
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[1, 5:] = False  # 5 valid points
+    valid[2] = False
+    res = random_centers(x, valid, torch.tensor([3, 7, 2]), seed=1)
+    assert res.center_mask.sum(1).tolist() == [3, 5, 0] and res.deficient.tolist() == [False, True, True]
+    for grp in range(2):
+        chosen = res.centers[grp][res.center_mask[grp]]
+        d = torch.cdist(chosen, x[grp][valid[grp]])
+        assert (d.min(1).values == 0).all()  # each centre is one of the group's valid points
+        assert torch.unique(chosen, dim=0).shape[0] == chosen.shape[0]  # distinct
+        brute = torch.cdist(x[grp][valid[grp]].double(), chosen.double()).square().min(1)
+        assert res.inertia[grp].item() == pytest.approx(brute.values.sum().item(), rel=1e-5)
+        assert res.labels[grp][valid[grp]].tolist() == brute.indices.tolist()
+    assert res.labels[2].eq(-1).all() and res.inertia[2] == 0
+    again = random_centers(x, valid, torch.tensor([3, 7, 2]), seed=1)
+    other = random_centers(x, valid, torch.tensor([3, 7, 2]), seed=2)
+    assert torch.equal(again.centers, res.centers) and not torch.equal(other.centers, res.centers)
+
+
+class EpochTrainer:
+    def __init__(self, epoch: int) -> None:
+        self.current_epoch = epoch
+
+
+def test_statistics_and_epoch_logging_follow_the_state() -> None:
+    cb, module = make_callback(), StubModule()
+    cb.on_train_epoch_end(EpochTrainer(0), module)
+    assert module.logged["brpg/stage"] == 0 and module.logged["brpg/classes_without_prototypes"] == C
+    for step in range(3):
+        cb.on_train_step_context(None, module, make_ctx_all(1, step))
+    cb.on_train_epoch_end(EpochTrainer(1), module)
+    fill_h = cb.bank_high.fill().tolist()
+    assert module.logged["brpg/stage"] == 1
+    assert [module.logged[f"brpg/bank_fill_high/{c}"] for c in range(C)] == fill_h
+    assert cb.statistics()["bank_fill"]["low"] == cb.bank_low.fill().tolist()
+    cb.on_train_step_context(None, module, make_ctx_all(2, 3))
+    cb.on_train_step_context(None, module, make_ctx_all(2, 50))
+    module.logged.clear()
+    cb.on_train_epoch_end(EpochTrainer(2), module)
+    stats = cb.statistics()
+    assert stats["stage"] == "prototype" and stats["bank_fill"]["high"] == fill_h  # fill at clustering
+    counts = cb.proto_mask.sum(1).tolist()
+    assert stats["prototypes_per_class"] == counts and module.logged["brpg/prototypes_total"] == sum(counts)
+    assert module.logged["brpg/classes_without_prototypes"] == 0
+    for bank in ("high", "low"):
+        extra = stats["apo_extra"][bank]
+        assert stats["apo_picks"][bank] == [c for c in range(C) if extra[c] > 0]
+        assert [module.logged[f"brpg/apo_extra_{bank}/{c}"] for c in range(C)] == extra
+        assert [module.logged[f"brpg/dispersion_{bank}/{c}"] for c in range(C)] == pytest.approx(
+            stats["dispersion"][bank])
+    # Eq. (19) at the last prototype step (step 50 of 100, started at 3)
+    assert module.logged["brpg/eta_t_epoch"] == pytest.approx(0.8 + 0.15 * 47 / 97)
+    assert stats["eta_t"] == pytest.approx(0.8 + 0.15 * 47 / 97)
+
+
+def _ddp_late(rank: int, world: int, port: int, results: dict) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)
+        cb, module = make_callback(), StubModule()
+        for step in range(3):
+            cb.on_train_step_context(None, module, ctx_with(1, step, seed=10 * step + rank))
+        cb.on_train_step_context(None, module, ctx_with(2, 3, seed=40 + rank))
+        # only rank 1 sees the late class, 3 points: alone too few (4 needed), with rank 0's 1 point enough
+        cb.on_train_step_context(None, module, ctx_with(2, 4, seed=50 + rank, late_cells=1 + 2 * rank))
+        results[rank] = {"protos": cb.prototypes.clone(), "mask": cb.proto_mask.clone(),
+                         "init": cb.init_step.clone()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_two_rank_late_initialisation_uses_every_ranks_points_and_is_identical() -> None:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_late, args=(2, _free_port(), results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    assert int(r0["init"][LATE]) == 4 and int(r0["mask"][LATE].sum()) == 4
+    for key in ("protos", "mask", "init"):
+        assert torch.equal(r0[key], r1[key]), key
