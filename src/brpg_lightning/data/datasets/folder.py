@@ -89,6 +89,9 @@ class FolderDataset(Dataset):
         num_classes: ``C``; mask values must be in ``[0, C)`` or 255.
         transform: see :data:`Transform`.
         allow_empty: accept an existing but empty ``images/`` folder (the unlabeled set of split "full").
+        hidden_mask_dir: ``unlabeled`` only, diagnostics only: a folder of true masks ``<name>.png`` for the
+            unlabeled images (the synthetic generator's hidden ``.oracle/unlabeled_masks``); they are then
+            loaded as the item's mask. None (every normal run): the unlabeled set has no masks.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FolderDataset(Dataset):
         num_classes: int,
         transform: Transform | None = None,
         allow_empty: bool = False,
+        hidden_mask_dir: str | Path | None = None,
     ) -> None:
         if subset not in SUBSETS:
             raise BRPGInputError(f"subset '{subset}' is not valid; expected one of {', '.join(SUBSETS)}")
@@ -105,7 +109,9 @@ class FolderDataset(Dataset):
         self.subset = subset
         self.num_classes = int(num_classes)
         self.transform = transform
-        self.has_masks = subset != "unlabeled"
+        self.has_masks = subset != "unlabeled" or hidden_mask_dir is not None
+        if hidden_mask_dir is not None and subset != "unlabeled":
+            raise BRPGInputError(f"hidden_mask_dir is for the unlabeled subset only, got subset '{subset}'")
         if not self.root.is_dir():
             raise BRPGInputError(f"dataset root '{self.root}' does not exist; expected the layout {EXPECTED_LAYOUT}")
 
@@ -113,7 +119,7 @@ class FolderDataset(Dataset):
         self.images = self._list_required(image_dir, allow_empty)
         self.masks: list[Path] = []
         if self.has_masks:
-            mask_dir = self.root / subset / "masks"
+            mask_dir = self.root / subset / "masks" if hidden_mask_dir is None else Path(hidden_mask_dir)
             if not mask_dir.is_dir():
                 raise BRPGInputError(
                     f"missing folder '{mask_dir}' (masks of '{image_dir}'); expected the layout {EXPECTED_LAYOUT}"
