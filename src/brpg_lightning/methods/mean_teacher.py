@@ -139,10 +139,10 @@ class MeanTeacher(SegmentationModule):
         ctx.unlabeled_teacher, ctx.unlabeled_student = out_t, out_u
         ctx.pseudo_labels, ctx.pseudo_confidence = pseudo, conf
 
-        drop = drop_percent_schedule(self.current_epoch, self.trainer.max_epochs, self.drop_percent_start)
         if self.pl_oracle:
             keep = valid.clone()
         else:
+            drop = drop_percent_schedule(self.current_epoch, self.trainer.max_epochs, self.drop_percent_start)
             keep = unsup_filter_mask(
                 self.unsup_filter, probs, valid, eta=self.eta, beta=self.beta, drop_percent=drop
             )
