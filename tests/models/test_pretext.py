@@ -8,12 +8,12 @@ import inspect
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
+from tests.conftest import compose_cfg
 
 import brpg_lightning.data.datasets.pretext as pretext_data
 from brpg_lightning.data.datasets.pretext import PRETEXT_SHAPES, PRETEXT_TEXTURES, pretext_pool
 from brpg_lightning.data.datasets.synthetic import SHAPES, TEXTURES, synthetic_class_names
 from brpg_lightning.models.pretext import pretext_encoder_weights
-from tests.conftest import compose_cfg
 
 TINY_PRETEXT = {"image_size": 32, "pool_size": 8, "steps": 2, "batch_size": 4}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from brpg_lightning.constants import IGNORE_INDEX

@@ -27,8 +27,8 @@ beside it; a cached file whose marker matches is reused, anything else is rebuil
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import time
 from pathlib import Path
