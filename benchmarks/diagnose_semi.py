@@ -35,6 +35,8 @@ RUNS: dict[str, tuple[str, ...]] = {
     "sup_only": ("experiment=sup_only",),
     "ceiling": ("experiment=ceiling",),
     "mt": ("brpg=none", *MT_DIAG),
+    "mt_plain": ("brpg=plain", *MT_DIAG),
+    "mt_cpg": ("brpg=cpg", *MT_DIAG),
     "mt_brpg": MT_DIAG,  # the default: mean teacher + CPG + APO
     "oracle": ("brpg=none", "method.pl_oracle=true", *MT_DIAG),
     "mt_bn_own": ("brpg=none", "method.teacher_bn=own", *MT_DIAG),

@@ -109,7 +109,7 @@ def pretext_encoder_weights(
     seed: int = 0,
     image_size: int = 64,
     pool_size: int = 512,
-    steps: int = 120,
+    steps: int = 100,
     batch_size: int = 32,
     lr: float = 0.002,
 ) -> str:
