@@ -40,7 +40,7 @@ class Epoch:
 
 
 def test_supervised_only_epochs_then_exact_copy() -> None:
-    module = make_module()
+    module = make_module(teacher_bn="ema")  # "own" then moves the teacher's BN statistics by its own forward
     Epoch(module, epoch=0)
     ctx = module.compute_step(batch())
     assert set(ctx.losses) == {"L_s"} and not ctx.has_unlabeled and not bool(module.teacher_ready)

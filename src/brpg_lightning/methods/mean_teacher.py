@@ -41,10 +41,11 @@ class MeanTeacher(SegmentationModule):
             (the paper's setting: drop the p_t % highest-entropy pixels, p_t from ``drop_percent_start`` at
             epoch 0 linearly to 0 at the last epoch).
         cutmix_p: probability of CutMix per batch.
-        teacher_bn: the teacher's BatchNorm running statistics. ``ema``: an EMA of the student's, with the
-            parameters (timm ``ModelEmaV3``; the student gathers them on labeled + strong views). ``own`` (U2PL
-            ``train_semi.py``): parameters-only EMA; the teacher's statistics follow its own train-mode
-            forward (no grad) on the labeled images + the CutMix'd weak views each step. ``weak``:
+        teacher_bn: the teacher's BatchNorm running statistics. ``own`` (default; the official code,
+            U2PL ``train_semi.py``; the paper is silent): parameters-only EMA, the teacher's statistics follow
+            its own train-mode forward (no grad) on the labeled images + the CutMix'd weak views each step
+            (one extra teacher forward per step). ``ema``: an EMA of the student's, with the parameters
+            (timm ``ModelEmaV3``; the student gathers them on labeled + STRONG views). ``weak``:
             parameters-only EMA; statistics from the teacher's train-mode forward on the weak views alone.
         pl_oracle: DIAGNOSTIC ONLY (off by default): replace the teacher's pseudo-labels by the unlabeled
             images' true masks (``dataset.oracle_mask_dir``), confidence 1, every valid pixel kept.
@@ -64,7 +65,7 @@ class MeanTeacher(SegmentationModule):
         beta: float = 0.5,
         drop_percent_start: float = 20.0,
         cutmix_p: float = 0.5,
-        teacher_bn: str = "ema",
+        teacher_bn: str = "own",
         pl_oracle: bool = False,
         val_student: bool = False,
         **kwargs: Any,
