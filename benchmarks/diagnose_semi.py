@@ -108,6 +108,27 @@ def report(out: Path, names: list[str], seeds: list[int]) -> None:
             print("final per-class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in ious.items()))
 
 
+def table(out: Path, names: list[str], seeds: list[int]) -> None:
+    """Markdown table of the final val mIoU per run and seed, with mean +- sd (n) over the finished seeds."""
+    print("\n| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd (n) |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    for name in names:
+        values = {}
+        for seed in seeds:
+            path = run_dir(out, name, seed) / "metrics.json"
+            if path.is_file():
+                values[seed] = json.loads(path.read_text())["final_mIoU"]
+        cells = [f"{values[s]:.4f}" if s in values else "-" for s in seeds]
+        v = list(values.values())
+        if v:
+            mean = sum(v) / len(v)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
+            summary = f"{mean:.4f} ± {sd:.4f} ({len(v)})" if len(v) > 1 else f"{mean:.4f} (1)"
+        else:
+            summary = "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {summary} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnose_semi", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="oracle,mt,mt_brpg,sup_only", help=f"comma list of {', '.join(RUNS)}")
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 train(args.out, name, seed, args.epochs, args.extra)
     report(args.out, names, seeds)
+    table(args.out, names, seeds)
     return 0
 
 
