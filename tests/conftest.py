@@ -37,6 +37,7 @@ TINY = (
     "++brpg.M_u=20",
     "++brpg.grid=8",
     "++brpg.snapshot_per_class=10",
+    "model.weights_path=null",  # the pretext encoder has its own tests (tests/models/test_pretext.py)
 )
 """Overrides that make a full three-stage run take seconds (epochs 0: sup-only, 1: sampling, 2: prototypes)."""
 

@@ -40,7 +40,7 @@ class Epoch:
 
 
 def test_supervised_only_epochs_then_exact_copy() -> None:
-    module = make_module()
+    module = make_module(teacher_bn="ema")  # "own" then moves the teacher's BN statistics by its own forward
     Epoch(module, epoch=0)
     ctx = module.compute_step(batch())
     assert set(ctx.losses) == {"L_s"} and not ctx.has_unlabeled and not bool(module.teacher_ready)
@@ -82,7 +82,7 @@ def test_teacher_follows_the_ramp_after_each_step() -> None:
 
 
 def test_pseudo_labels_come_from_the_teacher_weak_view() -> None:
-    module = make_module(unsup_filter="confidence", eta=0.0)
+    module = make_module(unsup_filter="confidence", eta=0.0, teacher_bn="ema")  # teacher unchanged by the step
     Epoch(module, epoch=1)
     module.log = lambda *a, **k: None
     b = batch()

@@ -146,6 +146,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
             ``split``/``num_classes`` default to this module's and must agree with them.
         class_names: one name per class (default: synthetic names, else ``class_<i>``).
+        oracle_mask_dir: diagnostics only (``benchmarks/diagnose_semi.py``): folder of the unlabeled images'
+            true masks; unlabeled batches then carry them as ``"mask"`` (same geometry as the weak view).
+            None (default, every normal run): unlabeled batches carry no masks.
     """
 
     def __init__(
@@ -177,8 +180,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         classes_file: str | None = None,
         val_stride: int | None = None,
         check_items: int = 8,
+        oracle_mask_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.oracle_mask_dir = None if oracle_mask_dir is None else Path(str(oracle_mask_dir))
         self.name = str(name)
         self.root = Path(str(root))
         self.num_classes = int(num_classes)
@@ -306,7 +311,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             labeled = FolderDataset(self.root, "labeled", self.num_classes, self.labeled_transform, palette=self.palette)
             if self.use_unlabeled:
                 self.unlabeled_set = FolderDataset(
-                    self.root, "unlabeled", self.num_classes, self.unlabeled_transform, allow_empty=True
+                    self.root, "unlabeled", self.num_classes, self.unlabeled_transform, allow_empty=True,
+                    hidden_mask_dir=self.oracle_mask_dir,
                 )
                 self.num_unlabeled_images = len(self.unlabeled_set)
             elif (self.root / "unlabeled" / "images").is_dir():  # SupOnly: count only, for the same epoch length

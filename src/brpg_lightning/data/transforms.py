@@ -204,12 +204,15 @@ class UnlabeledTransform:
         self.strong = StrongColor(**dict(strong or {}))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
-        image, _, valid = self.weak(image, None)
-        return {
+        image, mask, valid = self.weak(image, mask)
+        item = {
             "image": to_normalized_tensor(image),
             "image_strong": to_normalized_tensor(self.strong(image)),
             "valid": torch.tensor(np.ascontiguousarray(valid), dtype=torch.bool),
         }
+        if mask is not None:  # the oracle diagnostic's hidden true mask, same geometry as the weak view
+            item["mask"] = mask_to_tensor(mask)
+        return item
 
 
 class ValTransform:

@@ -5,6 +5,9 @@ U2PL schedule: after the supervised-only epochs the teacher is copied from the s
 ``t`` = updates since the copy, so the first update has decay 0 (teacher = student) and the decay ramps
 as ``min(1 - 1 / (t + 1), decay)``.
 
+``buffers=False`` (U2PL's ``train_semi.py``): the EMA covers parameters only; the teacher's buffers (BN running
+statistics) are left to the teacher's own train-mode forwards, which the method runs.
+
 Create the teacher from the bare student, before any DDP wrapping, and pass the bare student (not a
 DDP wrapper) to :meth:`EMATeacher.update`: parameters and buffers are matched by name.
 """
@@ -27,6 +30,8 @@ class EMATeacher(nn.Module):
         model: the student; deep-copied.
         decay: the EMA decay ``d`` (0.99 in U2PL / BRPG).
         ramp: use ``min(1 - 1 / (t + 1), decay)`` instead of the fixed ``decay``.
+        buffers: also average float buffers and copy integer ones (timm ``ModelEmaV3``); False: parameters
+            only (U2PL), buffers untouched by :meth:`update` (still copied by :meth:`copy_from`).
 
     Attributes:
         module: the teacher network; ``forward`` calls it.
@@ -42,7 +47,7 @@ class EMATeacher(nn.Module):
 
     steps: Tensor
 
-    def __init__(self, model: nn.Module, decay: float = 0.99, ramp: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.99, ramp: bool = True, buffers: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
@@ -50,6 +55,7 @@ class EMATeacher(nn.Module):
         self.module.requires_grad_(False)
         self.decay = float(decay)
         self.ramp = bool(ramp)
+        self.buffers = bool(buffers)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def get_decay(self, step: int) -> float:
@@ -58,10 +64,13 @@ class EMATeacher(nn.Module):
             return self.decay
         return min(1.0 - 1.0 / (step + 1), self.decay)
 
-    def _pairs(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-        """``(teacher, student)`` tensors of every parameter and buffer, matched by name."""
-        mine = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
-        theirs = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    def _pairs(self, model: nn.Module, buffers: bool = True) -> list[tuple[Tensor, Tensor]]:
+        """``(teacher, student)`` tensors of every parameter (and buffer), matched by name."""
+        mine = dict(self.module.named_parameters())
+        theirs = dict(model.named_parameters())
+        if buffers:
+            mine.update(self.module.named_buffers())
+            theirs.update(model.named_buffers())
         if mine.keys() != theirs.keys():
             diff = sorted(mine.keys() ^ theirs.keys())
             raise ValueError(f"teacher and student tensors differ in names: {diff[:5]}")
@@ -79,7 +88,7 @@ class EMATeacher(nn.Module):
         """One EMA step towards ``model`` with ``d = get_decay(steps)``; then ``steps += 1``. Returns ``d``."""
         decay = self.get_decay(int(self.steps))
         lerp_t, lerp_s = [], []
-        for t, s in self._pairs(model):
+        for t, s in self._pairs(model, buffers=self.buffers):
             if t.is_floating_point():
                 lerp_t.append(t)
                 lerp_s.append(s.to(dtype=t.dtype))

@@ -141,3 +141,64 @@ def masked_cross_entropy(
     masked_target = torch.where(kept, target, torch.full_like(target, ignore_index))
     total = F.cross_entropy(logits.float(), masked_target, ignore_index=ignore_index, reduction="sum")
     return total / kept.sum().clamp_min(1)
+
+
+class PseudoLabelQuality:
+    """Pseudo-label quality against true masks, accumulated over an epoch (diagnostic runs only).
+
+    The direct measure of confirmation bias: of the valid unlabeled pixels, the share the filter keeps, and
+    how often the kept pseudo-labels are right, per class. Fed only when the unlabeled batches carry the
+    hidden true masks (``dataset.oracle_mask_dir``); a normal run never calls :meth:`update`.
+    Counts are two confusion matrices ``(C, C)`` indexed ``[true, pseudo]``: over every valid pixel and
+    over the kept ones (a ``torch.bincount``; pixels whose true label is ``IGNORE_INDEX`` are skipped).
+
+    Example:
+        >>> q = PseudoLabelQuality(2)
+        >>> true = torch.tensor([[[0, 0, 1, 1]]]); pseudo = torch.tensor([[[0, 1, 1, 1]]])
+        >>> keep = torch.tensor([[[True, True, True, False]]]); valid = torch.ones(1, 1, 4, dtype=torch.bool)
+        >>> q.update(pseudo, keep, valid, true)
+        >>> s = q.summary(["a", "b"]); round(s["kept"], 3), round(s["acc_kept"], 3), round(s["acc_all"], 3)
+        (0.75, 0.667, 0.75)
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.num_classes
+        self.conf_all = torch.zeros(c, c, dtype=torch.long)
+        self.conf_kept = torch.zeros(c, c, dtype=torch.long)
+
+    def has_data(self) -> bool:
+        return bool(self.conf_all.sum() > 0)
+
+    @torch.no_grad()
+    def update(self, pseudo: Tensor, keep: Tensor, valid: Tensor, true: Tensor) -> None:
+        """``pseudo``, ``true`` ``(B, H, W)`` long; ``keep``, ``valid`` ``(B, H, W)`` bool."""
+        c = self.num_classes
+        ok = valid.bool() & (true != IGNORE_INDEX) & (pseudo != IGNORE_INDEX)
+        index = (true.long() * c + pseudo.long()).clamp(0, c * c - 1)
+        self.conf_all += torch.bincount(index[ok], minlength=c * c).view(c, c).cpu()
+        kept = ok & keep.bool()
+        self.conf_kept += torch.bincount(index[kept], minlength=c * c).view(c, c).cpu()
+
+    def summary(self, class_names: list[str]) -> dict[str, float]:
+        """``kept`` (share of valid pixels kept), ``acc_kept`` / ``acc_all`` (pixel accuracy of the kept /
+        all pseudo-labels), and per class ``kept/<name>`` (share of the class's true pixels kept),
+        ``acc_kept_true/<name>`` (kept pixels truly ``<name>`` whose pseudo-label is right) and
+        ``acc_kept/<name>`` (precision: kept pixels labeled ``<name>`` that are ``<name>``; NaN if none)."""
+        all_, kept = self.conf_all.double(), self.conf_kept.double()
+        n_all, n_kept = all_.sum().clamp_min(1), kept.sum().clamp_min(1)
+        out = {
+            "kept": float(kept.sum() / n_all),
+            "acc_kept": float(kept.diag().sum() / n_kept),
+            "acc_all": float(all_.diag().sum() / n_all),
+        }
+        for i, name in enumerate(class_names):
+            out[f"kept/{name}"] = float(kept[i].sum() / all_[i].sum()) if all_[i].sum() > 0 else float("nan")
+            row = kept[i].sum()
+            out[f"acc_kept_true/{name}"] = float(kept[i, i] / row) if row > 0 else float("nan")
+            col = kept[:, i].sum()
+            out[f"acc_kept/{name}"] = float(kept[i, i] / col) if col > 0 else float("nan")
+        return out

@@ -106,6 +106,9 @@ class FolderDataset(PairDataset):
         transform: see :data:`~brpg_lightning.data.datasets.common.Transform`.
         allow_empty: accept an existing but empty ``images/`` folder (the unlabeled set of split "full").
         palette: ``(C, 3)`` colours: RGB masks are mapped to class ids through it.
+        hidden_mask_dir: ``unlabeled`` only, diagnostics only: a folder of true masks ``<name>.png`` for the
+            unlabeled images (the synthetic generator's hidden ``.oracle/unlabeled_masks``); they are then
+            loaded as the item's mask. None (every normal run): the unlabeled set has no masks.
     """
 
     def __init__(
@@ -116,11 +119,14 @@ class FolderDataset(PairDataset):
         transform: Transform | None = None,
         allow_empty: bool = False,
         palette: np.ndarray | None = None,
+        hidden_mask_dir: str | Path | None = None,
     ) -> None:
         if subset not in SUBSETS:
             raise BRPGInputError(f"subset '{subset}' is not valid; expected one of {', '.join(SUBSETS)}")
         self.root = Path(root)
         self.subset = subset
+        if hidden_mask_dir is not None and subset != "unlabeled":
+            raise BRPGInputError(f"hidden_mask_dir is for the unlabeled subset only, got subset '{subset}'")
         if not self.root.is_dir():
             raise BRPGInputError(f"dataset root '{self.root}' does not exist; expected the layout {EXPECTED_LAYOUT}")
         image_dir = self.root / subset / "images"
@@ -129,17 +135,18 @@ class FolderDataset(PairDataset):
         if len(set(stems)) != len(stems):
             dup = sorted({s for s in stems if stems.count(s) > 1})[0]
             raise BRPGInputError(f"folder '{image_dir}' holds several images named '{dup}' (different extensions)")
+        with_masks = subset != "unlabeled" or hidden_mask_dir is not None
         masks: list[Path | None] = [None] * len(images)
-        if subset != "unlabeled":
-            masks = list(self._match_masks(image_dir, images))
+        if with_masks:
+            masks = list(self._match_masks(image_dir, images, None if hidden_mask_dir is None else Path(hidden_mask_dir)))
         samples = [Sample(i, m, i.stem) for i, m in zip(images, masks, strict=True)]
-        super().__init__(samples, num_classes, transform, with_masks=subset != "unlabeled", palette=palette)
+        super().__init__(samples, num_classes, transform, with_masks=with_masks, palette=palette)
         self.images = images
         self.masks = [m for m in masks if m is not None]
 
     @staticmethod
-    def _match_masks(image_dir: Path, images: list[Path]) -> list[Path]:
-        mask_dir = image_dir.parent / "masks"
+    def _match_masks(image_dir: Path, images: list[Path], mask_dir: Path | None = None) -> list[Path]:
+        mask_dir = image_dir.parent / "masks" if mask_dir is None else mask_dir
         if not mask_dir.is_dir():
             raise BRPGInputError(
                 f"missing folder '{mask_dir}' (masks of '{image_dir}'); expected the layout {EXPECTED_LAYOUT}"

@@ -21,6 +21,11 @@ written by PIL without metadata, so the same arguments give byte-identical files
 how many of the first pool images go to ``labeled/`` (with masks) and which go to ``unlabeled/`` (images
 only, no masks written).
 
+Oracle diagnostic: the true masks of the unlabeled images are written to a SEPARATE hidden folder,
+``<root>/.oracle/unlabeled_masks/`` (:data:`ORACLE_MASK_DIR`), which no reader of the folder layout looks at.
+Only the diagnostic reads it (``dataset.oracle_mask_dir``, see ``benchmarks/diagnose_semi.py``): a normal run's
+unlabeled set holds images only.
+
 CLI: ``python -m brpg_lightning.data.datasets.synthetic --out DIR --seed 0 --split 16``.
 """
 
@@ -38,13 +43,15 @@ from PIL import Image
 
 from brpg_lightning.errors import BRPGInputError
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 """Bumped whenever the generated pixels change; part of the ``.complete`` marker."""
 
 SYNTHETIC_SPLITS: tuple[str, ...] = ("16", "32", "full")
 """Valid ``split`` values: that many labeled pool images, or all of them (the all-labels ceiling)."""
 
 MARKER_NAME = ".complete"
+ORACLE_MASK_DIR = ".oracle/unlabeled_masks"
+"""Hidden folder (relative to the root) of the unlabeled images' true masks; read only by the diagnostic."""
 _IN_PROGRESS_NAME = ".generating"
 _SUBSET_CODES = {"train": 1, "val": 2}
 
@@ -304,7 +311,8 @@ def generate_synthetic(
     """Write the synthetic dataset into ``root`` in the folder layout and return ``root``.
 
     Layout: ``labeled/{images,masks}/pool_XXXX.png`` (the first N pool images), ``unlabeled/images/``
-    (the rest, no masks), ``val/{images,masks}/val_XXXX.png``. A ``.complete`` JSON marker holds the
+    (the rest, no masks), ``val/{images,masks}/val_XXXX.png``; the unlabeled images' masks go to the hidden
+    ``.oracle/unlabeled_masks/`` (oracle diagnostic only). A ``.complete`` JSON marker holds the
     parameters and :data:`GENERATOR_VERSION`; when it matches, nothing is rewritten. When it is absent or
     differs (or ``force``), ``labeled/``, ``unlabeled/`` and ``val/`` are deleted and regenerated. A root
     holding those folders without any marker of this generator is refused (it may be a user's dataset)
@@ -330,7 +338,7 @@ def generate_synthetic(
     if not force and _read_marker_params(root) == params:
         return root
 
-    subsets = [root / "labeled", root / "unlabeled", root / "val"]
+    subsets = [root / "labeled", root / "unlabeled", root / "val", root / ".oracle"]
     ours = (root / MARKER_NAME).exists() or (root / _IN_PROGRESS_NAME).exists()
     if not force and not ours and any(p.exists() and any(p.rglob("*")) for p in subsets):
         raise BRPGInputError(
@@ -345,7 +353,7 @@ def generate_synthetic(
             shutil.rmtree(p)
     dirs = {
         "li": root / "labeled" / "images", "lm": root / "labeled" / "masks",
-        "ui": root / "unlabeled" / "images", "vi": root / "val" / "images", "vm": root / "val" / "masks",
+        "ui": root / "unlabeled" / "images", "om": root / ORACLE_MASK_DIR, "vi": root / "val" / "images", "vm": root / "val" / "masks",
     }
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -359,6 +367,7 @@ def generate_synthetic(
             _save_png(mask, dirs["lm"] / name)
         else:
             _save_png(image, dirs["ui"] / name)
+            _save_png(mask, dirs["om"] / name)  # hidden: the oracle diagnostic only
     for i in range(int(val_size)):
         rng = np.random.default_rng([int(seed), _SUBSET_CODES["val"], i])
         image, mask = render_synthetic_image(rng, image_size, num_classes)
