@@ -200,7 +200,8 @@ def sample_points(fmap: Tensor, coords: Tensor, stride: int) -> Tensor:
         b, d, h, w = fmap.shape
         weights = _bilinear_matrix(coords, stride, b, h, w, fmap.dtype)
         pixels = fmap.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        return (weights @ pixels).view(b, coords.shape[1], d)
+        with torch.autocast(fmap.device.type, enabled=False):  # no 16-bit sparse matmul (CPU bf16 autocast)
+            return (weights @ pixels).view(b, coords.shape[1], d)
     return sample_points_grid_sample(fmap, coords, stride)
 
 
