@@ -41,10 +41,10 @@ class MeanTeacher(SegmentationModule):
             (the paper's setting: drop the p_t % highest-entropy pixels, p_t from ``drop_percent_start`` at
             epoch 0 linearly to 0 at the last epoch).
         cutmix_p: probability of CutMix per batch.
-        teacher_bn: the teacher's BatchNorm running statistics. ``own`` (default; the official code,
+        teacher_bn: the teacher's BatchNorm running statistics. ``own`` (the official code,
             U2PL ``train_semi.py``; the paper is silent): parameters-only EMA, the teacher's statistics follow
             its own train-mode forward (no grad) on the labeled images + the CutMix'd weak views each step
-            (one extra teacher forward per step). ``ema``: an EMA of the student's, with the parameters
+            (one extra teacher forward per step). ``ema`` (default until ``own`` is measured, issue 8): an EMA of the student's, with the parameters
             (timm ``ModelEmaV3``; the student gathers them on labeled + STRONG views). ``weak``:
             parameters-only EMA; statistics from the teacher's train-mode forward on the weak views alone.
         pl_oracle: DIAGNOSTIC ONLY (off by default): replace the teacher's pseudo-labels by the unlabeled
@@ -65,7 +65,7 @@ class MeanTeacher(SegmentationModule):
         beta: float = 0.5,
         drop_percent_start: float = 20.0,
         cutmix_p: float = 0.5,
-        teacher_bn: str = "own",
+        teacher_bn: str = "ema",
         pl_oracle: bool = False,
         val_student: bool = False,
         **kwargs: Any,
