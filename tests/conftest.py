@@ -68,3 +68,19 @@ def tiny_cfg(tmp_path: Path, synthetic_root: Path):
         return compose_cfg(*TINY, f"dataset.root={synthetic_root}", *overrides, output_dir=tmp_path / "run")
 
     return make
+
+
+def random_semi_batch(b: int, num_classes: int, height: int, width: int) -> dict:
+    """A seeded random ``{"labeled", "unlabeled"}`` batch in the datamodule's contract (no padding)."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "labeled": {
+            "image": torch.randn(b, 3, height, width, generator=g),
+            "mask": torch.randint(0, num_classes, (b, height, width), generator=g),
+        },
+        "unlabeled": {
+            "image": torch.randn(b, 3, height, width, generator=g),
+            "image_strong": torch.randn(b, 3, height, width, generator=g),
+            "valid": torch.ones(b, height, width, dtype=torch.bool),
+        },
+    }

@@ -16,21 +16,14 @@ from brpg_lightning.methods.cps import CPS
 from brpg_lightning.methods.fixmatch import FixMatch, fixmatch_loss
 from brpg_lightning.models.output import resize_to_input
 from brpg_lightning.models.segmentor import Segmentor
+from tests.conftest import random_semi_batch
 
 C, H, W = 3, 32, 32
 OPTIM = {"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}
 
 
 def batch(b: int = 2) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "labeled": {"image": torch.randn(b, 3, H, W, generator=g), "mask": torch.randint(0, C, (b, H, W), generator=g)},
-        "unlabeled": {
-            "image": torch.randn(b, 3, H, W, generator=g),
-            "image_strong": torch.randn(b, 3, H, W, generator=g),
-            "valid": torch.ones(b, H, W, dtype=torch.bool),
-        },
-    }
+    return random_semi_batch(b, C, H, W)
 
 
 def Epoch(module, epoch: int) -> None:  # noqa: N802 - reads like the state it sets

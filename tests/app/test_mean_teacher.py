@@ -7,6 +7,7 @@ import torch
 
 from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.models.segmentor import Segmentor
+from tests.conftest import random_semi_batch
 
 C, H, W = 3, 32, 32
 
@@ -18,15 +19,7 @@ def make_module(**kwargs) -> MeanTeacher:
 
 
 def batch(b: int = 2) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "labeled": {"image": torch.randn(b, 3, H, W, generator=g), "mask": torch.randint(0, C, (b, H, W), generator=g)},
-        "unlabeled": {
-            "image": torch.randn(b, 3, H, W, generator=g),
-            "image_strong": torch.randn(b, 3, H, W, generator=g),
-            "valid": torch.ones(b, H, W, dtype=torch.bool),
-        },
-    }
+    return random_semi_batch(b, C, H, W)
 
 
 class Epoch:
