@@ -65,6 +65,7 @@ def pretrain_encoder(
     batch_size: int,
     lr: float,
     decoder_channels: int = 64,
+    encoder_depth: int = 5,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the dense pretext task; return the encoder's state dict and final-step figures."""
     images, shapes, textures = pretext_pool(seed, image_size, pool_size)
@@ -75,7 +76,8 @@ def pretrain_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None,
-                                 classes=n_shape + n_tex, decoder_channels=decoder_channels)
+                                 classes=n_shape + n_tex, decoder_channels=decoder_channels,
+                                 encoder_depth=int(encoder_depth))
         gen = torch.Generator().manual_seed(int(seed))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         warm, total = max(int(steps) // 10, 1), max(int(steps), 1)
@@ -106,6 +108,7 @@ def pretext_encoder_weights(
     cache_dir: str,
     arch: str = "deeplabv3plus",
     encoder_name: str = "tu-resnet10t",
+    encoder_depth: int = 5,
     seed: int = 0,
     image_size: int = 64,
     pool_size: int = 512,
@@ -117,7 +120,8 @@ def pretext_encoder_weights(
 
     Args:
         cache_dir: folder of the cached files (``${paths.cache_dir}/pretext``).
-        arch, encoder_name: the run's smp architecture and encoder (the keys must match its encoder).
+        arch, encoder_name, encoder_depth: the run's smp architecture and encoder (the keys must match its
+            encoder; ``encoder_depth`` is smp's count of encoder stages).
         seed: fixes the pool, the initialisation and the batch order.
         image_size, pool_size: pretext pool (square images, count).
         steps, batch_size, lr: AdamW, 10 % linear warm-up then cosine decay.
@@ -128,10 +132,11 @@ def pretext_encoder_weights(
                        ("image_size", image_size)):
         if int(value) < 1:
             raise BRPGInputError(f"model.weights_path.{key}={value}; expected an integer >= 1")
-    params = _params(arch=arch, encoder_name=encoder_name, seed=int(seed), image_size=int(image_size),
-                     pool_size=int(pool_size), steps=int(steps), batch_size=int(batch_size), lr=float(lr))
+    params = _params(arch=arch, encoder_name=encoder_name, encoder_depth=int(encoder_depth), seed=int(seed),
+                     image_size=int(image_size), pool_size=int(pool_size), steps=int(steps),
+                     batch_size=int(batch_size), lr=float(lr))
     root = Path(cache_dir)
-    stem = f"{arch}-{encoder_name}-seed{int(seed)}-v{PRETEXT_VERSION}"
+    stem = f"{arch}-{encoder_name}-d{int(encoder_depth)}-seed{int(seed)}-v{PRETEXT_VERSION}"
     path, marker = root / f"{stem}.safetensors", root / f"{stem}.json"
     try:
         cached = json.loads(marker.read_text()).get("params")
@@ -143,7 +148,8 @@ def pretext_encoder_weights(
     root.mkdir(parents=True, exist_ok=True)
     log.info("pretext: pretraining %s once on the pretext pool (%d steps); cached in %s", encoder_name, steps, root)
     start = time.perf_counter()
-    state, stats = pretrain_encoder(arch=arch, encoder_name=encoder_name, seed=int(seed),
+    state, stats = pretrain_encoder(arch=arch, encoder_name=encoder_name, encoder_depth=int(encoder_depth),
+                                    seed=int(seed),
                                     image_size=int(image_size), pool_size=int(pool_size), steps=int(steps),
                                     batch_size=int(batch_size), lr=float(lr))
     seconds = time.perf_counter() - start
