@@ -1,7 +1,8 @@
 """Step overhead of BRPG on top of mean teacher: the paper-like case and the default run's case.
 
 Case 1, ``default run``: the embedded default exactly as ``python -m brpg_lightning`` builds it (the composed
-``conf/train.yaml``: deeplabv3plus_small, crop 80, batch 8+8, 7 synthetic classes, AdamW, BRPG ``cpg_apo``),
+``conf/train.yaml``: deeplabv3plus_small, crop 64, batch 8+8, 7 synthetic classes, AdamW, BRPG ``cpg_apo``
+with the preset's grid 16 and M_u 256),
 stepped through the real module and callback hooks: ``training_step`` (the method's forwards and losses,
 ``publish_step_context`` -> ``BRPGCallback.on_train_step_context``, ``total_loss``), backward, the
 optimiser step, ``on_train_batch_end`` (teacher EMA). ``self.log`` is a no-op here (no Trainer loop);
@@ -209,7 +210,7 @@ def run(quick: bool) -> list[str]:
         "== case 2: 321 crop (compute_step + on_train_step_context, ResNet-18)",
         *paper_lines,
         "== side by side (step time / mean teacher): sampling, prototype stage",
-        f"default run  (crop 80, 8+8): {d_s:.3f}x, {d_p:.3f}x",
+        f"default run  (its crop, 8+8): {d_s:.3f}x, {d_p:.3f}x",
         f"321 crop     (ResNet-18, 2+2): {p_s:.3f}x, {p_p:.3f}x",
     ]
 

@@ -30,6 +30,7 @@ TINY = (
     "trainer.log_every_n_steps=1",
     "trainer.accelerator=cpu",
     "callbacks.progress_bar.refresh_rate=0",
+    "sup_only_epochs=1",  # the synthetic preset warms up for 3 epochs; the tiny run has 3 in all
     "++brpg.T_S1=1",
     "++brpg.T_S2=2",
     "++brpg.V=400",

