@@ -44,7 +44,7 @@ class MeanTeacher(SegmentationModule):
         teacher_bn: the teacher's BatchNorm running statistics. ``own`` (the official code,
             U2PL ``train_semi.py``; the paper is silent): parameters-only EMA, the teacher's statistics follow
             its own train-mode forward (no grad) on the labeled images + the CutMix'd weak views each step
-            (one extra teacher forward per step). ``ema`` (default until ``own`` is measured, issue 8): an EMA of the student's, with the parameters
+            (one extra teacher forward per step). ``ema`` (default; as good as ``own`` on the embedded benchmark, README): an EMA of the student's, with the parameters
             (timm ``ModelEmaV3``; the student gathers them on labeled + STRONG views). ``weak``:
             parameters-only EMA; statistics from the teacher's train-mode forward on the weak views alone.
         pl_oracle: DIAGNOSTIC ONLY (off by default): replace the teacher's pseudo-labels by the unlabeled
