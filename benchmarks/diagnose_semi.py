@@ -39,9 +39,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "mt_cpg": ("brpg=cpg", *MT_DIAG),
     "mt_brpg": MT_DIAG,  # the default: mean teacher + CPG + APO
     "oracle": ("brpg=none", "method.pl_oracle=true", *MT_DIAG),
-    "mt_bn_ema": ("brpg=none", "method.teacher_bn=ema", *MT_DIAG),
-    "mt_bn_own": ("brpg=none", "method.teacher_bn=own", *MT_DIAG),
-    "mt_bn_weak": ("brpg=none", "method.teacher_bn=weak", *MT_DIAG),
+    "mt_weak_only": ("brpg=none", "method.teacher_forward=weak_only", *MT_DIAG),
 }
 """Named runs: Hydra overrides on top of the default composition."""
 

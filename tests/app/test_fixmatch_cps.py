@@ -13,6 +13,7 @@ import torch
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.cps import CPS
+from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.fixmatch import FixMatch, fixmatch_loss
 from brpg_lightning.models.output import resize_to_input
 from brpg_lightning.models.segmentor import Segmentor
@@ -202,3 +203,44 @@ def test_every_method_composes_with_every_brpg_option_and_paper_model(method: st
     for model in ("deeplabv3plus", "deeplabv3plus_xception65", "segformer"):
         cfg = compose_cfg(f"method={method}", f"model={model}", output_dir=tmp_path)
         assert cfg.model.encoder_weights == "imagenet" and cfg.model.feature_dim == 256
+
+
+def test_fixmatch_step_unsupervised_loss_by_hand() -> None:
+    """One FixMatch step with CutMix on, padded pixels and lambda_u = 0.6, L_u worked from UniMatch's semantics.
+
+    UniMatch ``fixmatch.py``: the weak half of the joint train-mode forward gives ``conf, mask = softmax.max``;
+    ignore_mask = 255 on padding; both are CutMix'd with the strong images (image i takes image i+1 inside its
+    box); ``loss_u = sum(CE * ((conf >= 0.95) & (ignore != 255))) / sum(ignore != 255)``.
+    """
+    torch.manual_seed(0)
+    module = FixMatch(segmentor(0), C, optim=OPTIM, lambda_u=0.6, eta=0.95, cutmix_p=1.0)
+    b = batch(3)
+    valid = torch.ones(3, H, W, dtype=torch.bool)
+    valid[1, :, 24:] = False
+    b["unlabeled"]["valid"] = valid
+    Epoch(module, epoch=1)
+    module.log = lambda *a, **k: None
+    net = copy.deepcopy(module.student).train()
+    with torch.no_grad():
+        x_l, x_w, x_s0 = b["labeled"]["image"], b["unlabeled"]["image"], b["unlabeled"]["image_strong"]
+        probs = torch.softmax(resize_to_input(net(torch.cat([x_l, x_w])).logits[3:], (H, W), 4), 1)
+    module.eta = float(probs.max(1).values.median())  # so that about half the pixels pass
+    torch.manual_seed(7)
+    ctx = module.compute_step(b)
+    torch.manual_seed(7)
+    torch.rand(())  # the batch's coin
+    boxes = [cutmix_box(H, W) for _ in range(3)]
+    conf_w, mask_w = probs.max(1)
+    ignore_w = torch.where(valid, 0, 255)
+    x_s, conf, mask, ignore = x_s0.clone(), conf_w.clone(), mask_w.clone(), ignore_w.clone()
+    for i in range(3):
+        src = (i + 1) % 3
+        x_s[i][:, boxes[i]] = x_s0[src][:, boxes[i]]
+        conf[i][boxes[i]], mask[i][boxes[i]], ignore[i][boxes[i]] = (
+            conf_w[src][boxes[i]], mask_w[src][boxes[i]], ignore_w[src][boxes[i]])
+    with torch.no_grad():
+        logits_s = resize_to_input(net(x_s).logits, (H, W), 4)
+    weight = (conf >= module.eta) & (ignore != 255)
+    expected = _reference_ce(logits_s, mask, weight) / (ignore != 255).sum()
+    assert 0 < int(weight.sum()) < int((ignore != 255).sum())
+    assert torch.allclose(ctx.losses["L_u"].double(), 0.6 * expected, rtol=1e-5)

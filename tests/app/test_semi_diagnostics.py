@@ -35,7 +35,7 @@ def test_unlabeled_folder_holds_no_masks_and_hidden_masks_are_true(tmp_path) -> 
 def test_oracle_and_hidden_masks_are_off_by_default() -> None:
     cfg = compose_cfg()
     assert cfg.dataset.oracle_mask_dir is None
-    assert cfg.method.pl_oracle is False and cfg.method.teacher_bn == "ema"  # until own is measured (issue 8)
+    assert cfg.method.pl_oracle is False and cfg.method.teacher_forward == "student_batch"  # the official teacher
 
 
 def test_oracle_without_hidden_masks_is_refused() -> None:
@@ -60,26 +60,6 @@ def test_oracle_pseudo_labels_are_the_true_masks() -> None:
     assert torch.equal(ctx.pseudo_confidence, (true != IGNORE_INDEX).float())
     q = module.pl_quality.summary(["a", "b", "c"])  # the quality logger sees perfect labels, all kept
     assert q["kept"] == 1.0 and q["acc_kept"] == 1.0
-
-
-def test_teacher_bn_own_keeps_student_stats_out_of_the_teacher() -> None:
-    module = make_module(teacher_bn="own")
-    Epoch(module, epoch=1)
-    module.log = lambda *a, **k: None
-    module.compute_step(batch())  # copies the student, then the teacher's own train-mode forward
-    t_bn = {k: v.clone() for k, v in module.teacher.module.named_buffers() if "running_mean" in k}
-    with torch.no_grad():
-        for name, buf in module.student.named_buffers():
-            if "running_mean" in name:
-                buf.add_(5.0)
-    module.on_train_batch_end(None, None, 0)
-    for name, value in module.teacher.module.named_buffers():
-        if name in t_bn:
-            assert torch.equal(value, t_bn[name]), name  # params-only EMA: buffers untouched by update
-    before = {k: v.clone() for k, v in module.teacher.module.named_buffers() if "running_mean" in k}
-    module.compute_step(batch())
-    moved = [k for k, v in module.teacher.module.named_buffers() if k in before and not torch.equal(v, before[k])]
-    assert moved  # ... and moved by the teacher's own forward
 
 
 def test_ema_without_buffers_matches_hand_lerp() -> None:

@@ -6,7 +6,8 @@ U2PL schedule: after the supervised-only epochs the teacher is copied from the s
 as ``min(1 - 1 / (t + 1), decay)``.
 
 ``buffers=False`` (U2PL's ``train_semi.py``): the EMA covers parameters only; the teacher's buffers (BN running
-statistics) are left to the teacher's own train-mode forwards, which the method runs.
+statistics) are left to the teacher's own train-mode forwards, which the method runs, and the copy after the
+supervised-only epochs passes ``buffers=False`` to :meth:`EMATeacher.copy_from` too.
 
 Create the teacher from the bare student, before any DDP wrapping, and pass the bare student (not a
 DDP wrapper) to :meth:`EMATeacher.update`: parameters and buffers are matched by name.
@@ -31,7 +32,7 @@ class EMATeacher(nn.Module):
         decay: the EMA decay ``d`` (0.99 in U2PL / BRPG).
         ramp: use ``min(1 - 1 / (t + 1), decay)`` instead of the fixed ``decay``.
         buffers: also average float buffers and copy integer ones (timm ``ModelEmaV3``); False: parameters
-            only (U2PL), buffers untouched by :meth:`update` (still copied by :meth:`copy_from`).
+            only (U2PL), buffers untouched by :meth:`update`.
 
     Attributes:
         module: the teacher network; ``forward`` calls it.
@@ -77,9 +78,11 @@ class EMATeacher(nn.Module):
         return [(mine[name], theirs[name]) for name in mine]
 
     @torch.no_grad()
-    def copy_from(self, model: nn.Module) -> None:
-        """Make every parameter and buffer an exact copy of ``model``'s; reset :attr:`steps` to 0."""
-        for t, s in self._pairs(model):
+    def copy_from(self, model: nn.Module, buffers: bool = True) -> None:
+        """Make every parameter (and, with ``buffers``, every buffer) an exact copy of ``model``'s; reset
+        :attr:`steps` to 0. ``buffers=False`` is U2PL's copy after the supervised-only epochs: parameters only,
+        the teacher keeps the BN statistics of its own train-mode forwards."""
+        for t, s in self._pairs(model, buffers=buffers):
             t.copy_(s)
         self.steps.zero_()
 

@@ -21,18 +21,35 @@ from brpg_lightning.methods.pseudo_label import (
 )
 from brpg_lightning.models.output import as_probabilities, resize_to_input
 
-TEACHER_BN = ("ema", "own", "weak")
-"""``method.teacher_bn`` options (see :class:`MeanTeacher`)."""
+TEACHER_FORWARDS = ("student_batch", "weak_only")
+"""``method.teacher_forward`` options (see :class:`MeanTeacher`)."""
+
+LU_NORMS = ("paper", "official")
+"""``method.lu_norm`` options: Eq. (6)'s ``1 / M``, or the official ``B H W / M^2``."""
 
 
 class MeanTeacher(SegmentationModule):
     """L = L_s + lambda_u L_u (Eq. 7); the teacher is an EMA of the student.
 
     The first ``sup_only_epochs`` epochs train the student on labeled data only; at the first step after
-    them the teacher becomes an exact copy of the student, then follows it with decay
+    them the teacher's parameters become an exact copy of the student's, then follow them with decay
     ``min(1 - 1/(t+1), ema_decay)`` (``ema_ramp``; t = updates since the copy) or a fixed ``ema_decay``.
-    Pseudo-labels (Eq. 3) come from the teacher on the weak view; the student sees the strong view (colour
-    jitter, then CutMix with probability ``cutmix_p`` applied alike to images, pseudo-labels and confidences).
+    Pseudo-labels and their confidences (Eq. 3) come from the eval-mode teacher on the weak view; the
+    student sees the strong view (colour jitter, then CutMix with probability ``cutmix_p`` applied alike to
+    images, pseudo-labels and confidences).
+
+    The paper is silent on the teacher's BatchNorm statistics and on which prediction the L_u filter reads;
+    ``teacher_forward`` chooses:
+
+    - ``student_batch`` (default; the official code, U2PL ``train_semi.py``): the EMA covers parameters only
+      and the copy takes parameters only. The teacher keeps its own BN running statistics, gathered by a
+      train-mode forward (no grad) on exactly the student's batch each step: the labeled images during the
+      supervised-only epochs, then labeled + CutMix'd strong views. L_u's filter (entropy percentile, Eq. 4
+      or Eq. 5) reads that train-mode prediction on the student's unlabeled input. One more teacher forward
+      per step, in the warm-up too.
+    - ``weak_only``: timm ``ModelEmaV3``-style: the copy and the EMA cover the BN buffers too (the student
+      gathers them on labeled + strong views), the teacher only runs in eval mode on the weak view, and the
+      filter reads those weak-view probabilities, CutMix'd with the pseudo-labels.
 
     Args:
         ema_decay, ema_ramp, sup_only_epochs: teacher schedule (U2PL: 0.99, ramp, 1).
@@ -41,12 +58,11 @@ class MeanTeacher(SegmentationModule):
             (the paper's setting: drop the p_t % highest-entropy pixels, p_t from ``drop_percent_start`` at
             epoch 0 linearly to 0 at the last epoch).
         cutmix_p: probability of CutMix per batch.
-        teacher_bn: the teacher's BatchNorm running statistics. ``own`` (the official code,
-            U2PL ``train_semi.py``; the paper is silent): parameters-only EMA, the teacher's statistics follow
-            its own train-mode forward (no grad) on the labeled images + the CutMix'd weak views each step
-            (one extra teacher forward per step). ``ema`` (default; as good as ``own`` on the embedded benchmark, README): an EMA of the student's, with the parameters
-            (timm ``ModelEmaV3``; the student gathers them on labeled + STRONG views). ``weak``:
-            parameters-only EMA; statistics from the teacher's train-mode forward on the weak views alone.
+        teacher_forward: ``student_batch`` | ``weak_only``, above.
+        lu_norm: ``paper`` (Eq. 6: the kept pixels' cross-entropy divided by their number M) or ``official``
+            (U2PL ``compute_unsupervised_loss``: that mean times ``B H W / M``).
+        label_padding: give pseudo-labels to the unlabeled crop's padded pixels too (the official code
+            does); default False: padded pixels are not image content, so they carry no pseudo-label.
         pl_oracle: DIAGNOSTIC ONLY (off by default): replace the teacher's pseudo-labels by the unlabeled
             images' true masks (``dataset.oracle_mask_dir``), confidence 1, every valid pixel kept.
         val_student: also evaluate the student each validation (``val/student/mIoU``; diagnostics).
@@ -65,16 +81,24 @@ class MeanTeacher(SegmentationModule):
         beta: float = 0.5,
         drop_percent_start: float = 20.0,
         cutmix_p: float = 0.5,
-        teacher_bn: str = "ema",
+        teacher_forward: str = "student_batch",
+        lu_norm: str = "paper",
+        label_padding: bool = False,
         pl_oracle: bool = False,
         val_student: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if teacher_bn not in TEACHER_BN:
-            raise BRPGInputError(f"method.teacher_bn={teacher_bn!r}; expected one of {', '.join(TEACHER_BN)}")
-        self.teacher_bn, self.pl_oracle, self.val_student = teacher_bn, bool(pl_oracle), bool(val_student)
-        self.teacher = EMATeacher(self.student, decay=ema_decay, ramp=ema_ramp, buffers=teacher_bn == "ema")
+        if teacher_forward not in TEACHER_FORWARDS:
+            raise BRPGInputError(
+                f"method.teacher_forward={teacher_forward!r}; expected one of {', '.join(TEACHER_FORWARDS)}"
+            )
+        if lu_norm not in LU_NORMS:
+            raise BRPGInputError(f"method.lu_norm={lu_norm!r}; expected one of {', '.join(LU_NORMS)}")
+        self.teacher_forward, self.lu_norm, self.label_padding = teacher_forward, lu_norm, bool(label_padding)
+        self.pl_oracle, self.val_student = bool(pl_oracle), bool(val_student)
+        own_stats = teacher_forward == "student_batch"
+        self.teacher = EMATeacher(self.student, decay=ema_decay, ramp=ema_ramp, buffers=not own_stats)
         self.pl_quality = PseudoLabelQuality(self.num_classes)
         if self.val_student:
             self.val_miou_student = MulticlassJaccardIndex(num_classes=self.num_classes,
@@ -93,17 +117,34 @@ class MeanTeacher(SegmentationModule):
         """The teacher once it exists (after the supervised-only epochs), else the student."""
         return self.teacher.module if bool(self.teacher_ready) else self.student
 
+    @property
+    def _own_teacher_stats(self) -> bool:
+        return self.teacher_forward == "student_batch"
+
+    @torch.no_grad()
+    def _teacher_train_forward(self, x: torch.Tensor):  # noqa: ANN202
+        """The teacher in train mode on ``x`` (no grad): updates its own BN statistics; back to eval after."""
+        self.teacher.train()
+        out = self.teacher(x)
+        self.teacher.eval()
+        return out
+
     def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
         labeled = batch["labeled"]
         x_l, y_l = labeled["image"], labeled["mask"]
         if self.current_epoch < self.sup_only_epochs or "unlabeled" not in batch:
             out_l = self.student(x_l)
+            if self._own_teacher_stats and not bool(self.teacher_ready):
+                self._teacher_train_forward(x_l)  # the teacher's BN statistics follow the labeled images
             ctx = self.new_context(out_l, y_l)
             ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
             return ctx
 
         if not bool(self.teacher_ready):
-            self.teacher.copy_from(self.student)
+            if self._own_teacher_stats:
+                self.teacher.copy_from(self.student, buffers=False)
+            else:
+                self.teacher.copy_from(self.student)
             self.teacher_ready.fill_(True)
 
         unlabeled = batch["unlabeled"]
@@ -111,11 +152,13 @@ class MeanTeacher(SegmentationModule):
         if self.pl_oracle and true_u is None:
             raise BRPGInputError("method.pl_oracle=true needs the hidden true masks: set dataset.oracle_mask_dir")
         size = tuple(y_l.shape[-2:])
+        valid = unlabeled["valid"]
+        if self.label_padding:
+            valid = torch.ones_like(valid)
         with torch.no_grad():
             self.teacher.eval()
             out_t = self.teacher(unlabeled["image"])
             probs = as_probabilities(resize_to_input(out_t.logits, size, out_t.stride))
-            valid = unlabeled["valid"]
             if self.pl_oracle:  # diagnostic: the true masks stand in for the teacher's pseudo-labels
                 valid = valid & (true_u != IGNORE_INDEX)
                 pseudo = true_u.masked_fill(~valid, 0)
@@ -123,18 +166,18 @@ class MeanTeacher(SegmentationModule):
             conf, pseudo = probs.max(dim=1)  # Eq. (3)
             pseudo = pseudo.masked_fill(~valid, IGNORE_INDEX)
             conf = conf.masked_fill(~valid, 0.0)
-            maps = [pseudo, conf, valid, probs] + ([true_u] if true_u is not None else [])
-            if self.teacher_bn == "own":
-                maps.append(unlabeled["image"])
-            x_s, pseudo, conf, valid, probs, *rest = apply_cutmix(unlabeled["image_strong"], *maps, p=self.cutmix_p)
+            maps = [pseudo, conf, valid] + ([] if self._own_teacher_stats else [probs])
+            maps += [true_u] if true_u is not None else []
+            x_s, pseudo, conf, valid, *rest = apply_cutmix(unlabeled["image_strong"], *maps, p=self.cutmix_p)
+            filter_probs = None if self._own_teacher_stats else rest.pop(0)
             true_mix = rest.pop(0) if true_u is not None else None
-            if self.teacher_bn != "ema":  # the teacher's own BN statistics (train-mode forward, no grad)
-                self.teacher.train()
-                self.teacher(torch.cat([x_l, rest[0]]) if self.teacher_bn == "own" else unlabeled["image"])
-                self.teacher.eval()
+            x_all = torch.cat([x_l, x_s])
+            if self._own_teacher_stats:  # the student's exact batch; sets BN statistics, feeds the filter
+                out_t_train = self._teacher_train_forward(x_all).split([x_l.shape[0], x_s.shape[0]])[1]
+                filter_probs = as_probabilities(resize_to_input(out_t_train.logits, size, out_t_train.stride))
 
         b_l = x_l.shape[0]
-        out_l, out_u = self.student(torch.cat([x_l, x_s])).split([b_l, x_s.shape[0]])
+        out_l, out_u = self.student(x_all).split([b_l, x_s.shape[0]])
         ctx = self.new_context(out_l, y_l)
         ctx.unlabeled_teacher, ctx.unlabeled_student = out_t, out_u
         ctx.pseudo_labels, ctx.pseudo_confidence = pseudo, conf
@@ -144,13 +187,16 @@ class MeanTeacher(SegmentationModule):
         else:
             drop = drop_percent_schedule(self.current_epoch, self.trainer.max_epochs, self.drop_percent_start)
             keep = unsup_filter_mask(
-                self.unsup_filter, probs, valid, eta=self.eta, beta=self.beta, drop_percent=drop
+                self.unsup_filter, filter_probs, valid, eta=self.eta, beta=self.beta, drop_percent=drop
             )
         if true_mix is not None:
             self.pl_quality.update(pseudo, keep, valid, true_mix)
         logits_u = resize_to_input(out_u.logits, size, out_u.stride)
+        loss_u = masked_cross_entropy(logits_u, pseudo, keep)
+        if self.lu_norm == "official":  # U2PL multiplies the mean by B H W / M
+            loss_u = loss_u * (keep.numel() / keep.sum().clamp_min(1))
         ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
-        ctx.add_loss("L_u", self.lambda_u * masked_cross_entropy(logits_u, pseudo, keep))
+        ctx.add_loss("L_u", self.lambda_u * loss_u)
         self.log("train/unsup_kept", keep.float().mean(), batch_size=b_l)
         return ctx
 
