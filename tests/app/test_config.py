@@ -51,6 +51,11 @@ def test_paper_defaults_are_the_config_defaults(tmp_path: Path) -> None:
         0.1, 32, 1000, 0.8, 0.95, 1.0, 0.99
     )
     assert (b.T_S1, b.T_S2, b.indicator, b.feature_source) == (1, 2, "cosine", "features")
+    # official behaviours are options; the paper's are the defaults
+    assert (b.apo_count, b.M_u_pooled, b.eta_t_origin, b.class_thresholds) == ("paper", False, "t_s2", False)
+    assert (b.threshold_decay, b.threshold_low, b.threshold_high, list(b.threshold_fixed_classes)) == (
+        0.999, 0.7, 0.9, []
+    )
     assert (m.ema_decay, m.sup_only_epochs, m.lambda_u, m.unsup_filter, m.cutmix_p) == (
         0.99, 1, 1.0, "entropy_percentile", 0.5
     )

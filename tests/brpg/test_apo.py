@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from brpg_lightning.brpg.apo import apo_extra, dispersion
+from brpg_lightning.brpg.apo import apo_extra, apo_extra_official, dispersion, official_pick_count
 
 
 def _reference_dispersion(x: torch.Tensor, valid: torch.Tensor, indicator: str) -> list[float]:
@@ -98,3 +98,41 @@ def test_n_add_and_nan_scores() -> None:
 def test_bad_indicator() -> None:
     with pytest.raises(ValueError, match="indicator"):
         apo_extra(torch.rand(3), indicator="l1")
+
+
+# Official count (u2pl/utils/utils.py): add_cla_num = int(round(add_proportion * num_classes)), 0 -> 1, with
+# Python's round of the float product: 0.05 * 7 = 0.35 -> 0 -> 1; 0.05 * 10 = 0.5 -> 0 (half to even) -> 1;
+# 0.05 * 21 = 1.05 -> 1; 0.05 * 22 = 1.1 -> 1; 0.05 * 30 = 1.5000000000000002 -> 2; 0.05 * 50 = 2.5 -> 2 (half
+# to even); 0.05 * 81 = 4.05 -> 4; 0.05 * 90 = 4.5 -> 4 (half to even).
+@pytest.mark.parametrize(
+    ("num_classes", "expected"), [(7, 1), (10, 1), (21, 1), (22, 1), (30, 2), (50, 2), (81, 4), (90, 4)]
+)
+def test_official_pick_count_by_hand(num_classes: int, expected: int) -> None:
+    assert official_pick_count(num_classes, 0.05) == expected
+
+
+def test_paper_and_official_counts_differ_for_22_classes() -> None:
+    scores = torch.linspace(0.5, 0.95, 22)  # distinct, ascending: class i has the i-th smallest score
+    # paper: gamma at position 0.05 * 21 = 1.05 -> s0 and s1 lie below it; official: the 1 smallest
+    assert torch.nonzero(apo_extra(scores, 0.05, "cosine")).flatten().tolist() == [0, 1]
+    assert torch.nonzero(apo_extra_official(scores, 0.05, "cosine")).flatten().tolist() == [0]
+    assert torch.nonzero(apo_extra(scores, 0.05, "l2")).flatten().tolist() == [20, 21]
+    assert torch.nonzero(apo_extra_official(scores, 0.05, "l2")).flatten().tolist() == [21]
+
+
+@pytest.mark.parametrize("indicator", ["cosine", "l2"])
+def test_official_picks_the_extremes_by_hand(indicator: str) -> None:
+    # 30 classes: official count 2. Scores with a tie at the 2nd extreme: the official "<=" / ">=" keeps both
+    scores = torch.full((30,), 0.6)
+    scores[[4, 9, 17]] = torch.tensor([0.1, 0.2, 0.2]) if indicator == "cosine" else torch.tensor([0.9, 0.8, 0.8])
+    extra = apo_extra_official(scores, alpha_t=0.05, indicator=indicator, n_add=2)
+    assert torch.nonzero(extra).flatten().tolist() == [4, 9, 17] and set(extra.tolist()) == {0, 2}
+    scores[17] = 0.6  # no tie: exactly the 2 extremes
+    assert torch.nonzero(apo_extra_official(scores, 0.05, indicator)).flatten().tolist() == [4, 9]
+
+
+def test_official_never_picks_an_empty_bank() -> None:
+    scores = torch.tensor([math.nan, 0.4, 0.7, math.nan])
+    assert apo_extra_official(scores, 0.05, "cosine").tolist() == [0, 1, 0, 0]
+    assert apo_extra_official(scores, 0.05, "l2").tolist() == [0, 0, 1, 0]
+    assert apo_extra_official(torch.full((3,), math.nan)).tolist() == [0, 0, 0]

@@ -180,3 +180,117 @@ def test_two_rank_gloo_banks_and_prototypes_identical() -> None:
     for key in ("after_cluster_and_update", "after_updates", "mask"):
         assert torch.equal(r0[key], r1[key]), key
     assert not torch.equal(r0["after_cluster_and_update"], r0["after_updates"])  # updates moved them
+
+
+# ---------------------------------------------------------------- official behaviour as options
+
+
+def _constant_out(probs: list[float], b: int = 1, seed: int = 0) -> SegmentorOutput:
+    """Logits whose softmax is ``probs`` at every decoder pixel (any upsampling keeps it), random features."""
+    logits = torch.tensor(probs).log().view(1, C, 1, 1).expand(b, C, H // S, W // S).contiguous()
+    feats = torch.randn(b, D, H // S, W // S, generator=torch.Generator().manual_seed(seed))
+    return SegmentorOutput(logits, feats, feats, S)
+
+
+@pytest.mark.parametrize(
+    ("extra", "high", "low"),
+    [
+        ({"threshold_high": 0.9}, 32, 16),  # class 0 in use 0.8725: labeled conf 0.85 -> low
+        ({"threshold_high": 0.84}, 48, 0),  # clamped to 0.84 where used: -> high
+        ({"threshold_fixed_classes": [0]}, 48, 0),  # fixed class: eta_s 0.8 -> high
+    ],
+)
+def test_class_thresholds_follow_the_official_csp_rule(extra: dict, high: int, low: int) -> None:
+    cb = make_callback(class_thresholds=True, threshold_decay=0.5, sample_num=100, **extra)
+    module = StubModule()
+    labels = torch.zeros(1, H, W, dtype=torch.long)  # every input pixel is class 0
+    # step 1 (labeled only, as in a supervised-only epoch): p(class 0) = 0.99 -> ema 0.5 * 0.8 + 0.5 * 0.99 = 0.895;
+    # in use min(0.895, high) >= 0.84 or 0.8 (fixed) <= 0.99: the 16 decoder pixels go to the high bank
+    out = _constant_out([0.99, 0.0033, 0.0033, 0.0034])
+    ctx = TrainStepContext(epoch=1, global_step=0, total_steps=100, labeled=out, labels=labels)
+    cb.on_train_step_context(None, module, ctx)
+    assert cb.thresholds.tolist() == pytest.approx([0.895, 0.8, 0.8, 0.8], abs=1e-5)
+    # step 2: p(class 0) = 0.85 -> ema 0.5 * 0.895 + 0.5 * 0.85 = 0.8725 (stored unclamped, fixed class too);
+    # the teacher's unlabeled pixels (pred 0, conf 0.85) use the fixed eta_s 0.8 whatever class 0's threshold
+    probs = [0.85, 0.05, 0.05, 0.05]
+    ctx = TrainStepContext(
+        epoch=1, global_step=1, total_steps=100, labeled=_constant_out(probs), labels=labels,
+        unlabeled_teacher=_constant_out(probs, seed=1), unlabeled_student=_constant_out(probs, seed=2),
+        pseudo_labels=labels.clone(), pseudo_confidence=torch.full((1, H, W), 0.85),
+    )
+    cb.on_train_step_context(None, module, ctx)
+    assert cb.thresholds.tolist() == pytest.approx([0.8725, 0.8, 0.8, 0.8], abs=1e-5)
+    assert cb.bank_high.fill().tolist() == [high, 0, 0, 0]
+    assert cb.bank_low.fill().tolist() == [low, 0, 0, 0]
+    stats = cb.statistics()
+    assert stats["eta_s_ema"] == pytest.approx([0.8725, 0.8, 0.8, 0.8], abs=1e-5)
+    in_use = {32: 0.8725, 48: 0.84 if "threshold_high" in extra else 0.8}[high]
+    assert stats["eta_s"] == pytest.approx([in_use, 0.8, 0.8, 0.8], abs=1e-5)
+
+
+def test_fixed_classes_must_be_classes() -> None:
+    with pytest.raises(BRPGInputError, match="threshold_fixed_classes"):
+        make_callback(threshold_fixed_classes=[C])
+
+
+@pytest.mark.parametrize(("apo_count", "picked_per_bank"), [("paper", 2), ("official", 1)])
+def test_apo_count_option_in_clustering(apo_count: str, picked_per_bank: int) -> None:
+    # C = 4, alpha_t = 0.35: paper gamma at position 0.35 * 3 = 1.05 -> 2 classes below it;
+    # official max(1, round(0.35 * 4 = 1.4)) = 1 class, the most scattered (lowest cosine score)
+    cb, module = make_callback(alpha_t=0.35, apo_count=apo_count), StubModule()
+    for step in range(4):
+        cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+    cb.cluster(None, module, 4)
+    extra = cb.last_stats["apo_extra"]  # (banks, C)
+    assert extra.sum(1).tolist() == [picked_per_bank, picked_per_bank]
+    assert int(cb.proto_mask.sum()) == C * 4 + 2 * picked_per_bank
+    order = cb.last_stats["dispersion"].argsort(dim=1)
+    for b in range(2):
+        assert set(torch.nonzero(extra[b]).flatten().tolist()) == set(order[b, :picked_per_bank].tolist())
+
+
+def test_M_u_pooled_draws_batch_times_M_u_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    import brpg_lightning.brpg.callback as callback_module
+
+    seen: list[list[int]] = []
+
+    def spy(fn):  # noqa: ANN001, ANN202
+        def wrapped(cand, num, *args, **kwargs):  # noqa: ANN001, ANN202
+            coords, valid = fn(cand, num, *args, **kwargs)
+            seen.append(valid.sum(1).tolist())
+            return coords, valid
+        return wrapped
+
+    monkeypatch.setattr(callback_module, "pooled_random_points", spy(callback_module.pooled_random_points))
+    monkeypatch.setattr(callback_module, "random_points", spy(callback_module.random_points))
+    results = {}
+    for pooled in (False, True):
+        cb, module = make_callback(M_u=10, M_u_pooled=pooled), StubModule()
+        for step in range(4):
+            cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+        ctx = make_ctx(2, 10, 100, seed=9)
+        ctx.pseudo_confidence[1] = 0.0  # only image 0 has candidates (all its 256 pixels pass eta_t = 0.8)
+        ctx.pseudo_confidence[0] = 1.0
+        seen.clear()
+        cb.on_train_step_context(None, module, ctx)
+        results[pooled] = seen[-1]
+    assert results[False] == [10, 0]  # paper: M_u per image
+    assert results[True] == [20, 0]  # official: B_u * M_u = 20 from the pooled candidates, all in image 0
+
+
+def test_eta_t_origin_official_epoch5() -> None:
+    from types import SimpleNamespace
+
+    cb, module = make_callback(eta_t_origin="official_epoch5"), StubModule()
+    cb.setup(SimpleNamespace(max_epochs=10), module, "fit")
+    for step in range(1, 4):
+        cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+    # 100 steps over 10 epochs: 10 per epoch; first prototype step 20 (epoch 2):
+    # 0.8 + 0.15 * (20 - 50) / (100 - 50) = 0.71, below eta_0 (not clamped, as the official code)
+    cb.on_train_step_context(None, module, make_ctx(2, 20, 100, seed=9))
+    assert module.logged["brpg/eta_t"] == pytest.approx(0.71)
+    assert cb.current_eta_t(make_ctx(7, 75, 100, seed=11)) == pytest.approx(0.8 + 0.15 * 25 / 50)
+    with pytest.raises(BRPGInputError, match="max_epochs"):
+        make_callback(eta_t_origin="official_epoch5").setup(SimpleNamespace(max_epochs=5), module, "fit")
+    with pytest.raises(BRPGInputError, match="eta_t_origin"):
+        BRPGCallback(eta_t_origin="epoch5")

@@ -137,6 +137,11 @@ def test_cityscapes_deeplab_pascal_and_coco_settings(tmp_path: Path) -> None:
     assert (city["optim"]["name"], city["optim"]["lr"], city["optim"]["momentum"], city["optim"]["weight_decay"]) == (
         "sgd", 0.005, 0.9, 5e-4
     )
+    # one lr for backbone and decoder: the paper names no decoder lr here, the official code multiplies by 10
+    # only for pascal and coco
+    assert city["optim"]["head_lr_mult"] == 1.0
+    # L_s is Eq. (2)'s CE on every dataset; the official 0.5 CE + 0.5 OHEM stays an option
+    assert city["method"]["sup_loss"]["kind"] == "ce"
     for model in ("deeplabv3plus", "segformer"):  # PASCAL: same setting for both networks
         voc = resolved("dataset=pascal", "split=1464", f"model={model}", tmp_path=tmp_path)
         o, d = voc["optim"], voc["dataset"]

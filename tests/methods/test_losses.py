@@ -35,11 +35,12 @@ def _reference_ohem(logits: torch.Tensor, target: torch.Tensor, thresh: float, m
     pix = _pixels(logits, target)
     if len(pix) == 0 or len(pix) < min_kept:
         return sum(ce for _, ce in pix) / max(len(pix), 1)
+    if min_kept <= 0:  # U2PL's loss_helper applies the kept mask only inside `if self.min_kept > 0`
+        return sum(ce for _, ce in pix) / len(pix)
     threshold = thresh
-    if min_kept > 0:
-        kth = sorted(p for p, _ in pix)[min(len(pix), min_kept) - 1]
-        if kth > thresh:
-            threshold = kth
+    kth = sorted(p for p, _ in pix)[min(len(pix), min_kept) - 1]
+    if kth > thresh:
+        threshold = kth
     kept = [ce for p, ce in pix if p <= threshold]
     return sum(kept) / len(kept)
 
@@ -67,6 +68,22 @@ def test_cross_entropy_all_ignored_is_zero_with_graph() -> None:
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
     assert ohem_cross_entropy(logits, target, min_kept=0).item() == 0.0
+
+
+def test_ohem_with_min_kept_zero_is_plain_ce_whatever_thresh() -> None:
+    # with thresh 0.3 a threshold-only OHEM would drop the pixels whose p_true exceeds it
+    logits, target = make(7, boost=1.0)
+    pix = _pixels(logits, target)
+    dropped = [p for p, _ in pix if p > 0.3]
+    assert 0 < len(dropped) < len(pix)  # the threshold would change the loss
+    ce = sum(c for _, c in pix) / len(pix)  # plain mean CE over every valid pixel
+    thresholded = sum(c for p, c in pix if p <= 0.3) / (len(pix) - len(dropped))
+    assert thresholded != pytest.approx(ce, rel=1e-3)
+    for thresh in (0.3, 0.7):
+        loss = ohem_cross_entropy(logits, target, thresh=thresh, min_kept=0)
+        assert loss.item() == pytest.approx(ce, rel=1e-5)
+    loss = SupervisedLoss("ohem", ohem_thresh=0.3, ohem_min_kept=0)(logits, target)
+    assert loss.item() == pytest.approx(ce, rel=1e-5)
 
 
 def test_ohem_fewer_valid_than_min_kept_is_plain_ce() -> None:

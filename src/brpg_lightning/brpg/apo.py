@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 
 INDICATORS = ("cosine", "l2")
+APO_COUNTS = ("paper", "official")
+"""How many classes APO picks: ``paper`` (Eq. 12/14 percentile rule, :func:`apo_extra`) or ``official``
+(a fixed count of extremes, :func:`apo_extra_official`)."""
 
 CHUNK_ELEMS = {"cpu": 2**20, "cuda": 2**27}
 """float32 elements of ``x`` converted at once, by device type (4 MiB: cache-sized on the CPU;
@@ -134,5 +137,49 @@ def apo_extra(scores: Tensor, alpha_t: float = 0.05, indicator: str = "cosine", 
         else:
             gamma = np.percentile(s[finite], 100 * (1 - alpha_t))
             picked = finite & (np.where(finite, s, -np.inf) > gamma)
+        extra[picked] = int(n_add)
+    return torch.from_numpy(extra).to(scores.device)
+
+
+def official_pick_count(num_classes: int, alpha_t: float = 0.05) -> int:
+    """Classes the official implementation gives extra prototypes: ``max(1, round(alpha_t * C))``.
+
+    Python's ``round`` (halves to even) of the float product, as the official code computes it. The
+    paper's percentile rule picks ``ceil(alpha_t * (C - 1))`` classes of distinct scores instead; the two
+    differ e.g. for ``C = 22`` (official 1, paper 2).
+
+    Example:
+        >>> official_pick_count(21), official_pick_count(22), official_pick_count(81), official_pick_count(7)
+        (1, 1, 4, 1)
+    """
+    return max(1, int(round(alpha_t * num_classes)))
+
+
+def apo_extra_official(scores: Tensor, alpha_t: float = 0.05, indicator: str = "cosine", n_add: int = 1) -> Tensor:
+    """Extra prototypes per class with the official implementation's count (option to :func:`apo_extra`).
+
+    ``n = official_pick_count(C, alpha_t)`` with ``C = len(scores)``. ``"cosine"``: the threshold is the
+    ``n``-th smallest score and every class with ``D_c <=`` it is picked; ``"l2"``: the ``n``-th largest and
+    ``D_c >=`` it. Ties at the threshold are all picked, as in the official code. A NaN score (empty bank,
+    which the official code cannot meet) is never picked and the ``n`` is taken among the other scores.
+
+    Returns:
+        ``(C,)`` long on the device of ``scores``.
+
+    Example:
+        >>> apo_extra_official(torch.tensor([0.9, 0.5, 0.8, float("nan"), 0.7, 0.95]), alpha_t=0.05)
+        tensor([0, 1, 0, 0, 0, 0])
+    """
+    _check(indicator)
+    s = scores.detach().double().cpu().numpy()
+    finite = ~np.isnan(s)
+    extra = np.zeros(s.shape, dtype=np.int64)
+    n = min(official_pick_count(s.shape[0], alpha_t), int(finite.sum()))
+    if n > 0:
+        ordered = np.sort(s[finite])
+        if indicator == "cosine":
+            picked = finite & (np.where(finite, s, np.inf) <= ordered[n - 1])
+        else:
+            picked = finite & (np.where(finite, s, -np.inf) >= ordered[-n])
         extra[picked] = int(n_add)
     return torch.from_numpy(extra).to(scores.device)

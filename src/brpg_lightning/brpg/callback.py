@@ -44,9 +44,10 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from brpg_lightning.brpg import distributed as dist
-from brpg_lightning.brpg.apo import apo_extra, dispersion
+from brpg_lightning.brpg.apo import APO_COUNTS, apo_extra, apo_extra_official, dispersion
 from brpg_lightning.brpg.clustering import KMeansResult, kmeans, random_centers
 from brpg_lightning.brpg.memory_bank import MemoryBank
+from brpg_lightning.brpg.pooled_sampling import pooled_random_points
 from brpg_lightning.brpg.prototype_loss import prototype_ce, prototype_similarities
 from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
 from brpg_lightning.brpg.sampling import (
@@ -60,7 +61,8 @@ from brpg_lightning.brpg.sampling import (
     sample_points,
 )
 from brpg_lightning.brpg.schedules import eta_t as eta_t_schedule
-from brpg_lightning.brpg.thresholds import update_class_thresholds
+from brpg_lightning.brpg.schedules import eta_t_from_epoch
+from brpg_lightning.brpg.thresholds import class_confidence_sums, thresholds_in_use, update_class_thresholds
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import TrainStepContext
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 BANK_KINDS = ("confidence", "plain")
 INDICATORS = ("cosine", "l2")
 PROTOTYPE_INITS = ("kmeans", "random")
+ETA_T_ORIGINS = ("t_s2", "official_epoch5")
+OFFICIAL_ETA_T_EPOCH = 5  # the official code's hard-coded origin of Eq. (19)
 STAGES = ("pretrain", "sampling", "prototype")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -100,9 +104,11 @@ class BRPGCallback(pl.Callback):
         name: variant name for logs (``cpg_apo``, ``cpg``, ``plain``).
         T_S1, T_S2: sampling epochs ``[T_S1, T_S2)``; clustering at the first step of ``T_S2`` (Sec. 4.1.5).
         eta_s: confidence threshold splitting high / low features (Eq. 8-9; 0.8).
-        class_thresholds: Table 8 option: per-class ``eta_s`` starting at ``eta_s``, EMA (``threshold_decay``)
-            toward the mean confidence of the class's labeled pixels, clamped to
-            ``[threshold_low, threshold_high]``.
+        class_thresholds: Table 8 option: per-class ``eta_s`` for the labeled features, starting at ``eta_s``,
+            EMA (``threshold_decay``, each sampling step) toward the mean softmax probability of the class
+            over its labeled pixels at the input resolution (``brpg.thresholds``); the EMA is stored
+            unclamped and clamped to ``[threshold_low, threshold_high]`` where used; the classes in
+            ``threshold_fixed_classes`` keep ``eta_s``. Unlabeled features keep the fixed ``eta_s``.
         sample_num: per-step caps ``(B_l + B_u) * sample_num`` (high) and ``B_l * sample_num`` (low) (5000).
         V: capacity of each per-class FIFO bank (30000).
         storage_dtype: bank storage, ``float16`` (default), ``bfloat16`` or ``float32``.
@@ -111,6 +117,8 @@ class BRPGCallback(pl.Callback):
         n0_h, n0_lw: prototypes per high / low bank (Eq. 10, 12; 2 and 2).
         apo: add prototypes to the most scattered classes (Eq. 11-14).
         alpha_t, n_add, indicator: APO class proportion (5 %), prototypes added (1), ``cosine`` | ``l2``.
+        apo_count: which classes APO picks: ``paper`` (Eq. 12/14 percentile rule) or ``official``
+            (the ``max(1, round(alpha_t * C))`` most scattered classes of each bank).
         kmeans_iters, kmeans_seed: K-Means budget and seed (identical on every rank).
         kmeans_points_per_centroid: faiss subsample per centre (``None``: every bank feature, Eq. 10 as
             written; faiss's own default is 256: much faster on full banks, slightly higher inertia).
@@ -118,6 +126,11 @@ class BRPGCallback(pl.Callback):
             prototypes are distinct bank features drawn uniformly with ``kmeans_seed``, no clustering).
         tau: temperature (Eq. 16; 0.1). grid: labeled grid granularity (Eq. 17; 32 -> 32x32 points).
         M_u: unlabeled points per image (Eq. 18; 1000). eta_0, eta_e: Eq. (19) ramp (0.8 -> 0.95).
+        M_u_pooled: official option: draw ``B_u * M_u`` points from the candidates of the whole batch
+            instead of ``M_u`` per image (``brpg.pooled_sampling``).
+        eta_t_origin: where Eq. (19) counts iterations from: ``t_s2`` (the first prototype step, the paper's
+            "after the sampling stage") or ``official_epoch5`` (the official code's fixed epoch 5, unclamped:
+            below ``eta_0`` before it).
         lambda_pro: weight of L_pro (Eq. 21; 1). prototype_ema: alpha of Eq. (22) (0.99).
         feature_source: ``features`` (feature head, default), ``logits`` (classification head) or
             ``decoder`` (decoder features, no feature head) (Table 9).
@@ -138,6 +151,7 @@ class BRPGCallback(pl.Callback):
         threshold_decay: float = 0.999,
         threshold_low: float = 0.7,
         threshold_high: float = 0.9,
+        threshold_fixed_classes: list[int] | tuple[int, ...] = (),
         sample_num: int = 5000,
         V: int = 30000,
         storage_dtype: str = "float16",
@@ -148,6 +162,7 @@ class BRPGCallback(pl.Callback):
         alpha_t: float = 0.05,
         n_add: int = 1,
         indicator: str = "cosine",
+        apo_count: str = "paper",
         kmeans_iters: int = 50,
         kmeans_seed: int = 0,
         kmeans_points_per_centroid: int | None = None,
@@ -155,6 +170,8 @@ class BRPGCallback(pl.Callback):
         tau: float = 0.1,
         grid: int = 32,
         M_u: int = 1000,
+        M_u_pooled: bool = False,
+        eta_t_origin: str = "t_s2",
         eta_0: float = 0.8,
         eta_e: float = 0.95,
         lambda_pro: float = 1.0,
@@ -171,6 +188,8 @@ class BRPGCallback(pl.Callback):
             ("storage_dtype", storage_dtype, tuple(DTYPES)),
             ("feature_source", feature_source, FEATURE_SOURCES),
             ("prototype_init", prototype_init, PROTOTYPE_INITS),
+            ("apo_count", apo_count, APO_COUNTS),
+            ("eta_t_origin", eta_t_origin, ETA_T_ORIGINS),
         ):
             if value not in choices:
                 raise BRPGInputError(f"brpg.{key}={value!r}; expected one of {', '.join(choices)}")
@@ -179,13 +198,17 @@ class BRPGCallback(pl.Callback):
         self.name, self.T_S1, self.T_S2 = name, int(T_S1), int(T_S2)
         self.eta_s, self.class_thresholds = float(eta_s), bool(class_thresholds)
         self.threshold_decay, self.threshold_low, self.threshold_high = threshold_decay, threshold_low, threshold_high
+        self.threshold_fixed_classes = [int(c) for c in (threshold_fixed_classes or ())]
         self.sample_num, self.V, self.storage_dtype = int(sample_num), int(V), DTYPES[storage_dtype]
         self.banks, self.n0_h, self.n0_lw = banks, int(n0_h), int(n0_lw)
         self.apo, self.alpha_t, self.n_add, self.indicator = bool(apo), float(alpha_t), int(n_add), indicator
+        self.apo_count = apo_count
         self.kmeans_iters, self.kmeans_seed = int(kmeans_iters), int(kmeans_seed)
         self.prototype_init = prototype_init
         self.kmeans_points_per_centroid = None if kmeans_points_per_centroid is None else int(kmeans_points_per_centroid)
         self.tau, self.grid, self.M_u = float(tau), int(grid), int(M_u)
+        self.M_u_pooled, self.eta_t_origin = bool(M_u_pooled), eta_t_origin
+        self.max_epochs: int | None = None  # the trainer's, for eta_t_origin=official_epoch5
         self.eta_0, self.eta_e, self.lambda_pro = float(eta_0), float(eta_e), float(lambda_pro)
         self.prototype_ema, self.feature_source = float(prototype_ema), feature_source
         self.save_snapshot, self.snapshot_per_class = bool(save_snapshot), int(snapshot_per_class)
@@ -213,6 +236,18 @@ class BRPGCallback(pl.Callback):
         self.num_classes = int(pl_module.num_classes)
         if self.thresholds is None:
             self.thresholds = torch.full((self.num_classes,), self.eta_s)
+        bad = [c for c in self.threshold_fixed_classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise BRPGInputError(f"brpg.threshold_fixed_classes={bad}: not classes of 0..{self.num_classes - 1}")
+        if trainer is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self.max_epochs = int(trainer.max_epochs)
+        if self.eta_t_origin == "official_epoch5" and self.max_epochs is not None and (
+            self.max_epochs <= OFFICIAL_ETA_T_EPOCH
+        ):
+            raise BRPGInputError(
+                f"brpg.eta_t_origin=official_epoch5 needs trainer.max_epochs > {OFFICIAL_ETA_T_EPOCH} "
+                f"(got {self.max_epochs})"
+            )
 
     def stage(self, epoch: int) -> str:
         """``pretrain``, ``sampling`` or ``prototype`` for an epoch."""
@@ -268,16 +303,16 @@ class BRPGCallback(pl.Callback):
         self._ensure_banks(fmap_l.shape[1], device)
         probs_l = as_probabilities(ctx.labeled.logits.detach())
         labels_l = downsample_labels(ctx.labels, tuple(probs_l.shape[-2:]))
-        thresholds = self.thresholds.to(device)
+        eta_l: float | Tensor = self.eta_s
         if self.class_thresholds:
-            conf_l = probs_l.max(1).values
-            keep = labels_l != IGNORE_INDEX
-            self.thresholds = update_class_thresholds(
-                thresholds, conf_l[keep], labels_l[keep], self.threshold_decay, self.threshold_low, self.threshold_high
-            )
-            thresholds = self.thresholds
-        eta = thresholds if self.class_thresholds else self.eta_s
-        high_l, low_l, _, conf_l = bank_masks(probs_l, labels_l, eta)
+            # the class confidence is read on the upsampled logits (official: softmax of the input-size
+            # prediction); sums over all ranks keep one threshold state on every rank
+            sums, counts = class_confidence_sums(ctx.labeled.logits, ctx.labels, ctx.labeled.stride, self.num_classes)
+            dist.all_reduce_sum_(sums)
+            dist.all_reduce_sum_(counts)
+            self.thresholds = update_class_thresholds(self.thresholds.to(device), sums, counts, self.threshold_decay)
+            eta_l = self.current_class_thresholds()
+        high_l, low_l, _, conf_l = bank_masks(probs_l, labels_l, eta_l)
         feats_l, lab_l, conf_l = _pixels(fmap_l), labels_l.flatten(), conf_l.flatten()
         b_l, b_u = fmap_l.shape[0], 0
 
@@ -287,7 +322,7 @@ class BRPGCallback(pl.Callback):
         if ctx.unlabeled_teacher is not None:
             fmap_u = ctx.unlabeled_teacher.select(self.feature_source).detach()
             probs_u = as_probabilities(ctx.unlabeled_teacher.logits.detach())
-            high_u, _, pred_u, conf_u = bank_masks(probs_u, None, eta)
+            high_u, _, pred_u, conf_u = bank_masks(probs_u, None, self.eta_s)  # fixed eta_s, as the official code
             m = high_u.flatten()
             hi_f.append(_pixels(fmap_u)[m])
             hi_y.append(pred_u.flatten()[m])
@@ -333,7 +368,8 @@ class BRPGCallback(pl.Callback):
         scores = torch.stack([dispersion(f, v, self.indicator) for f, v in zip(feats, valids, strict=True)])
         extra = torch.zeros_like(k)
         if self.apo:
-            extra = torch.cat([apo_extra(s, self.alpha_t, self.indicator, self.n_add) for s in scores]).to(k)
+            pick = apo_extra if self.apo_count == "paper" else apo_extra_official
+            extra = torch.cat([pick(s, self.alpha_t, self.indicator, self.n_add) for s in scores]).to(k)
             k = k + extra
         result = self._centers(x, valid, k)
         centers = dist.broadcast_(result.centers.contiguous())
@@ -457,10 +493,27 @@ class BRPGCallback(pl.Callback):
 
     # ------------------------------------------------------------------ prototype stage (Eq. 15-22)
     def current_eta_t(self, ctx: TrainStepContext) -> float:
-        """Eq. (19): iterations counted from the first prototype step to the end of training."""
+        """Eq. (19): iterations counted from the first prototype step to the end of training
+        (``eta_t_origin=t_s2``), or from the official code's fixed epoch 5 (``official_epoch5``; steps per
+        epoch = ``total_steps / max_epochs``)."""
+        if self.eta_t_origin == "official_epoch5":
+            if self.max_epochs is None:
+                raise BRPGInputError("brpg.eta_t_origin=official_epoch5 needs the trainer's max_epochs")
+            per_epoch = ctx.total_steps / self.max_epochs
+            self.last_eta_t = eta_t_from_epoch(
+                ctx.global_step, per_epoch, self.max_epochs, OFFICIAL_ETA_T_EPOCH, self.eta_0, self.eta_e
+            )
+            return self.last_eta_t
         start = self.start_step if self.start_step is not None else ctx.global_step
         self.last_eta_t = eta_t_schedule(ctx.global_step - start, ctx.total_steps - start, self.eta_0, self.eta_e)
         return self.last_eta_t
+
+    def current_class_thresholds(self) -> Tensor:
+        """The per-class ``eta_s`` of the labeled features (``class_thresholds``): the stored EMA clamped to
+        ``[threshold_low, threshold_high]``, ``eta_s`` for ``threshold_fixed_classes``."""
+        return thresholds_in_use(
+            self.thresholds, self.threshold_low, self.threshold_high, self.threshold_fixed_classes, self.eta_s
+        )
 
     def prototype_step(self, ctx: TrainStepContext, pl_module: pl.LightningModule) -> None:
         """Add ``lambda_pro * (L_pro^l + L_pro^u)`` to the step and update the prototypes (Eq. 22)."""
@@ -486,7 +539,7 @@ class BRPGCallback(pl.Callback):
             valid = ctx.pseudo_labels != IGNORE_INDEX
             cand = valid & (ctx.pseudo_confidence >= eta)
             out_u = ctx.unlabeled_student
-            coords_u, ok = random_points(cand, self.M_u)
+            coords_u, ok = (pooled_random_points if self.M_u_pooled else random_points)(cand, self.M_u)
             f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride).flatten(0, 1)
             # points short of M_u (few candidates) are ignored by label: no (N, D) row selection
             y_u = gather_points(ctx.pseudo_labels, coords_u).masked_fill(~ok, IGNORE_INDEX).flatten()
@@ -530,7 +583,8 @@ class BRPGCallback(pl.Callback):
         ``classes_without_prototypes`` (the classes, all of them before clustering); ``init_step``
         ``[C]`` (global step of each class's first prototypes, -1 none; later than the clustering step
         for late classes); ``eta_t`` (Eq. 19 at the last prototype step, None before); ``eta_s``
-        (per-class thresholds with ``class_thresholds``, else None).
+        (per-class thresholds in use with ``class_thresholds``: clamped, fixed classes at ``eta_s``; else
+        None) and ``eta_s_ema`` (the stored, unclamped EMA; else None).
         """
         epoch = self.epoch if epoch is None else int(epoch)
         c = int(self.num_classes or 0)
@@ -553,7 +607,9 @@ class BRPGCallback(pl.Callback):
         stats["classes_without_prototypes"] = [cls for cls, n in enumerate(counts) if n == 0]
         stats["init_step"] = self.init_step.tolist() if self.init_step is not None else [-1] * c
         stats["eta_t"] = self.last_eta_t
-        stats["eta_s"] = self.thresholds.tolist() if self.class_thresholds and self.thresholds is not None else None
+        use = self.class_thresholds and self.thresholds is not None
+        stats["eta_s"] = self.current_class_thresholds().tolist() if use else None
+        stats["eta_s_ema"] = self.thresholds.tolist() if use else None
         return stats
 
     def epoch_scalars(self, epoch: int | None = None) -> dict[str, float]:

@@ -42,25 +42,25 @@ def ohem_cross_entropy(
 
     With ``p_true`` the softmax probability of the target class at each valid pixel (``N`` of them):
 
-    * ``N < min_kept`` or ``N == 0``: plain :func:`cross_entropy` over the valid pixels;
+    * ``N < min_kept``, ``N == 0`` or ``min_kept <= 0``: plain :func:`cross_entropy` over the valid
+      pixels (U2PL drops pixels only inside its ``min_kept > 0`` branch, so ``thresh`` alone never
+      selects anything);
     * otherwise the threshold is ``thresh``, raised to the ``k``-th smallest ``p_true``
-      (``k = min(N, min_kept)``) when that value exceeds ``thresh`` (only if ``min_kept > 0``), and
-      the loss is the mean cross-entropy over valid pixels with ``p_true <= threshold``.
+      (``k = min(N, min_kept)``) when that value exceeds ``thresh``, and the loss is the mean
+      cross-entropy over valid pixels with ``p_true <= threshold``.
 
     Shapes: ``logits (B, C, H, W)``, ``target (B, H, W)``.
     """
     logits = logits.float()
     valid = target != ignore_index
     num_valid = int(valid.sum())
-    if num_valid == 0 or num_valid < min_kept:
+    if num_valid == 0 or num_valid < min_kept or min_kept <= 0:
         return cross_entropy(logits, target, ignore_index)
     with torch.no_grad():
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         p_true = torch.softmax(logits, dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        threshold = torch.tensor(float(thresh), device=logits.device)
-        if min_kept > 0:
-            kth = torch.kthvalue(p_true[valid], min(num_valid, min_kept)).values
-            threshold = torch.maximum(threshold, kth)
+        kth = torch.kthvalue(p_true[valid], min(num_valid, min_kept)).values
+        threshold = torch.maximum(torch.tensor(float(thresh), device=logits.device), kth)
         kept = valid & (p_true <= threshold)
     return cross_entropy(
         logits, torch.where(kept, target, torch.full_like(target, ignore_index)), ignore_index
@@ -71,7 +71,7 @@ class SupervisedLoss(nn.Module):
     """The supervised loss ``L_s`` of a labeled batch: ``"ce"``, ``"ohem"`` or ``"ce+ohem"``.
 
     ``"ce"`` is Eq. (2) and ``"ohem"`` :func:`ohem_cross_entropy`, each with weight 1;
-    ``"ce+ohem"`` is ``ce_weight * CE + ohem_weight * OHEM`` (official PASCAL configs: 0.5 / 0.5).
+    ``"ce+ohem"`` is ``ce_weight * CE + ohem_weight * OHEM`` (every official BRPG config: 0.5 / 0.5).
     ``forward(logits (B, C, H, W), target (B, H, W)) -> scalar``.
     """
 
