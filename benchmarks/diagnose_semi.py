@@ -10,9 +10,10 @@ skipped when its ``metrics.json`` exists) and then prints, from the runs' ``csv/
   valid pixels the filter keeps, the pixel accuracy of the kept (and of all) pseudo-labels, and per class the
   share kept and the accuracy of the kept pixels of that true class.
 
-``--report`` only prints from existing runs. Mean-teacher runs read the synthetic generator's hidden
-``.oracle/unlabeled_masks`` (``dataset.oracle_mask_dir``), which a normal run never reads; ``oracle`` also
-replaces the teacher's pseudo-labels by them (``method.pl_oracle``). Runs are CPU-heavy (about 3 min each at
+``--report`` only prints from existing runs. Each run is a composition of the configs
+(``conf/experiment/diagnose/``): mean-teacher runs read the synthetic generator's hidden
+``.oracle/unlabeled_masks`` (``dataset.oracle_mask_dir``; written only when a diagnostic asks), which a normal
+run never reads; ``oracle`` also replaces the teacher's pseudo-labels by them (``brpg_lightning.lab.oracle``). Runs are CPU-heavy (about 3 min each at
 the default budget on 2 cores): on a shared machine wrap each call in ``flock /tmp/brpg-heavy.lock``.
 
 Not a ``bench_*`` module, so ``python -m benchmarks`` does not run it.
@@ -28,18 +29,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-ORACLE_DIR = "dataset.oracle_mask_dir=${dataset.root}/.oracle/unlabeled_masks"
-MT_DIAG = (ORACLE_DIR, "method.val_student=true")
+QUALITY = "experiment=diagnose/quality"
 
 RUNS: dict[str, tuple[str, ...]] = {
     "sup_only": ("experiment=sup_only",),
     "ceiling": ("experiment=ceiling",),
-    "mt": ("brpg=none", *MT_DIAG),
-    "mt_plain": ("brpg=plain", *MT_DIAG),
-    "mt_cpg": ("brpg=cpg", *MT_DIAG),
-    "mt_brpg": MT_DIAG,  # the default: mean teacher + CPG + APO
-    "oracle": ("brpg=none", "method.pl_oracle=true", *MT_DIAG),
-    "mt_weak_only": ("brpg=none", "method.teacher_forward=weak_only", *MT_DIAG),
+    "mt": (QUALITY, "brpg=none"),
+    "mt_plain": (QUALITY, "brpg=plain"),
+    "mt_cpg": (QUALITY, "brpg=cpg"),
+    "mt_brpg": (QUALITY,),  # the default: mean teacher + CPG + APO
+    "oracle": ("experiment=diagnose/oracle",),
+    "mt_weak_only": (QUALITY, "brpg=none", "method.teacher_forward=weak_only"),
 }
 """Named runs: Hydra overrides on top of the default composition."""
 

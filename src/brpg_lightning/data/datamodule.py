@@ -146,7 +146,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
             ``split``/``num_classes`` default to this module's and must agree with them.
         class_names: one name per class (default: synthetic names, else ``class_<i>``).
-        oracle_mask_dir: diagnostics only (``benchmarks/diagnose_semi.py``): folder of the unlabeled images'
+        oracle_mask_dir: diagnostics only (``conf/experiment/diagnose``): folder of the unlabeled images'
             true masks; unlabeled batches then carry them as ``"mask"`` (same geometry as the weak view).
             None (default, every normal run): unlabeled batches carry no masks.
     """
@@ -270,7 +270,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the synthetic dataset into ``root`` (skipped when its marker matches)."""
         if self.synthetic is not None:
-            generate_synthetic(self.root, **self.synthetic)
+            generate_synthetic(self.root, **self.synthetic, oracle_masks=self.oracle_mask_dir is not None)
 
     @property
     def uses_split_lists(self) -> bool:

@@ -47,6 +47,8 @@ def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, refe
 class SegmentationModule(pl.LightningModule):
     uses_unlabeled: bool = True
     """Whether the datamodule must load unlabeled images for this method."""
+    default_sup_only_epochs: int = 0
+    """Labeled-only warm-up epochs when the config leaves ``sup_only_epochs`` null (mean teacher: U2PL's 1)."""
     networks: tuple[str, ...] = ("student",)
     """Names of the trained networks; ``train.build_module`` builds one segmentor per name (the first is
     ``segmentor``, the others ``segmentor2``, ...) and ``train.build_callbacks`` one BRPG callback per name."""
@@ -60,6 +62,8 @@ class SegmentationModule(pl.LightningModule):
             ``head_lr_mult`` (10: decoder and heads), ``momentum``, ``weight_decay``, ``betas``, ``poly_power``.
         sup_loss: keyword arguments of :class:`~brpg_lightning.methods.losses.SupervisedLoss` (Eq. 2 / OHEM).
         class_names: names for per-class IoU logging (default ``class_<i>``).
+        sup_only_epochs: labeled-only warm-up epochs before the method's own step (:meth:`warmup_step`);
+            None: the method's ``default_sup_only_epochs``.
         run_config: the resolved run configuration, stored in checkpoints so ``evaluate`` can rebuild the run.
     """
 
@@ -71,6 +75,7 @@ class SegmentationModule(pl.LightningModule):
         sup_loss: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         run_config: dict[str, Any] | None = None,
+        sup_only_epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["segmentor", "segmentor2"])
@@ -84,6 +89,10 @@ class SegmentationModule(pl.LightningModule):
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
         self.val_iou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="none")
         self._total_steps: int | None = None
+        warmup = self.default_sup_only_epochs if sup_only_epochs is None else sup_only_epochs
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise BRPGInputError(f"sup_only_epochs={sup_only_epochs!r}; expected an integer >= 0 (or null)")
+        self.sup_only_epochs = warmup
 
     # ------------------------------------------------------------------ method interface
     @property
@@ -92,15 +101,33 @@ class SegmentationModule(pl.LightningModule):
         return self.student
 
     def compute_step(self, batch: dict[str, Any]) -> TrainStepContext | list[TrainStepContext]:
-        """Forward passes and the method's own losses for one step; a filled context (one per network)."""
+        """Forward passes and the method's own losses for one step after the warm-up; a filled context (one
+        per network)."""
         raise NotImplementedError
+
+    def warmup_step(self, batch: dict[str, Any]) -> TrainStepContext | list[TrainStepContext]:
+        """The labeled-only step (Eq. 2) of the first ``sup_only_epochs`` epochs, and of batches without images
+        of the unlabeled set: every trained network on the labeled images."""
+        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["mask"]
+        contexts = []
+        for name, net in zip(self.networks, self.trained_networks(), strict=True):
+            ctx = self.new_context(net(x_l), y_l, name)
+            ctx.add_loss("L_s", self.supervised_loss(ctx.labeled, y_l))
+            contexts.append(ctx)
+        return contexts[0] if len(contexts) == 1 else contexts
+
+    def method_step(self, batch: dict[str, Any]) -> TrainStepContext | list[TrainStepContext]:
+        """:meth:`warmup_step` during the warm-up (or without unlabeled images), else :meth:`compute_step`."""
+        if self.current_epoch < self.sup_only_epochs or "unlabeled" not in batch:
+            return self.warmup_step(batch)
+        return self.compute_step(batch)
 
     def forward(self, x: Tensor) -> SegmentorOutput:
         return self.eval_model(x)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        result = self.compute_step(batch)
+        result = self.method_step(batch)
         contexts = result if isinstance(result, list) else [result]
         for ctx in contexts:
             self.publish_step_context(ctx)
@@ -150,8 +177,13 @@ class SegmentationModule(pl.LightningModule):
         (0 where not ``valid``), ``pseudo (B, H, W)`` its argmax (``IGNORE_INDEX`` where not ``valid``).
         """
         probs = as_probabilities(resize_to_input(out.logits.detach(), tuple(valid.shape[-2:]), out.stride))
+        return (probs, *SegmentationModule.pseudo_labels(probs, valid))
+
+    @staticmethod
+    def pseudo_labels(probs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. (3) on probabilities ``(B, C, H, W)``: ``(conf, pseudo)``, 0 and ``IGNORE_INDEX`` where not ``valid``."""
         conf, pseudo = probs.max(dim=1)
-        return probs, conf.masked_fill(~valid, 0.0), pseudo.masked_fill(~valid, IGNORE_INDEX)
+        return conf.masked_fill(~valid, 0.0), pseudo.masked_fill(~valid, IGNORE_INDEX)
 
     @property
     def total_steps(self) -> int:

@@ -37,6 +37,11 @@ class TrainStepContext:
             unsupervised filter (each consumer applies its own threshold).
         pseudo_confidence: teacher max-softmax of the strong view ``(B_u, H, W)`` float, mixed alike;
             0 on padding.
+        unsup_keep: the pixels the method's own unsupervised loss trains on ``(B_u, H, W)`` bool (its
+            filter over the valid pixels), or ``None`` when the method has no such mask.
+        cutmix_boxes: the step's CutMix boxes ``(B_u, H, W)`` bool (pixels of image ``i`` taken from image
+            ``(i + 1) % B_u``; all False when the batch was not mixed), or ``None`` without CutMix; a plug-in
+            mixes its own per-pixel maps of the batch with them (``methods.cutmix.mix_like``).
         losses: loss terms, already weighted, summed by the method into the returned loss.
         network: which of the method's networks the tensors belong to (``SegmentationModule.networks``):
             ``"student"`` for one-network methods; CPS publishes one context per network (``"net1"``,
@@ -52,6 +57,8 @@ class TrainStepContext:
     unlabeled_student: SegmentorOutput | None = None
     pseudo_labels: Tensor | None = None
     pseudo_confidence: Tensor | None = None
+    unsup_keep: Tensor | None = None
+    cutmix_boxes: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     network: str = "student"
 

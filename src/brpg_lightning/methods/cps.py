@@ -45,21 +45,21 @@ class CPS(SegmentationModule):
         segmentor2: the second network. lambda_cps: CPS weight (CPS paper, PASCAL VOC: 1.5).
         cutmix_p: CutMix probability (official: always). strong_view: mix the colour-jittered view instead
             of the weak one (official: weak). eval_on: ``net1`` or ``mean`` (mean of both logits).
-        sup_only_epochs: labeled-only warm-up epochs (0). **kwargs: :class:`SegmentationModule` arguments.
+        **kwargs: :class:`SegmentationModule` arguments.
     """
 
     networks = ("net1", "net2")
 
     def __init__(
         self, *args: Any, segmentor2: nn.Module, lambda_cps: float = 1.5, cutmix_p: float = 1.0,
-        strong_view: bool = False, eval_on: str = "net1", sup_only_epochs: int = 0, **kwargs: Any,
+        strong_view: bool = False, eval_on: str = "net1", **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if eval_on not in EVAL_ON:
             raise BRPGInputError(f"method.eval_on={eval_on!r}; expected one of {', '.join(EVAL_ON)}")
         self.net2 = segmentor2
         self.lambda_cps, self.cutmix_p, self.strong_view = lambda_cps, cutmix_p, strong_view
-        self.eval_on, self.sup_only_epochs = eval_on, sup_only_epochs
+        self.eval_on = eval_on
 
     @property
     def eval_model(self) -> nn.Module:
@@ -71,11 +71,6 @@ class CPS(SegmentationModule):
     def compute_step(self, batch: dict[str, Any]) -> list[TrainStepContext]:
         x_l, y_l = batch["labeled"]["image"], batch["labeled"]["mask"]
         nets = self.trained_networks()
-        if self.current_epoch < self.sup_only_epochs or "unlabeled" not in batch:
-            contexts = [self.new_context(net(x_l), y_l, name) for name, net in zip(self.networks, nets, strict=True)]
-            for ctx in contexts:
-                ctx.add_loss("L_s", self.supervised_loss(ctx.labeled, y_l))
-            return contexts
         u = batch["unlabeled"]
         with torch.no_grad():  # official CPS: pseudo-labels of the un-mixed images, networks in train mode
             outs_w = [net(u["image"]) for net in nets]

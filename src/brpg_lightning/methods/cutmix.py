@@ -43,7 +43,7 @@ def cutmix_box(
     return box
 
 
-def _mix(x: Tensor, boxes: Tensor) -> Tensor:
+def mix_like(x: Tensor, boxes: Tensor) -> Tensor:
     """``x`` ``(B, H, W)`` or ``(B, C, H, W)`` with pixels inside ``boxes[i]`` taken from ``x[(i + 1) % B]``."""
     mask = boxes if x.ndim == 3 else boxes.unsqueeze(1)
     return torch.where(mask, torch.roll(x, shifts=-1, dims=0), x)
@@ -84,4 +84,4 @@ def apply_cutmix(
         boxes = torch.zeros(batch, height, width, dtype=torch.bool, device=images.device)
         return (images, *maps, boxes)
     boxes = torch.stack([cutmix_box(height, width, generator) for _ in range(batch)]).to(images.device)
-    return (_mix(images, boxes), *(_mix(m, boxes) for m in maps), boxes)
+    return (mix_like(images, boxes), *(mix_like(m, boxes) for m in maps), boxes)

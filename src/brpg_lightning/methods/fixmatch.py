@@ -42,24 +42,18 @@ class FixMatch(SegmentationModule):
 
     Args:
         lambda_u: weight of L_u. eta: confidence threshold (FixMatch: 0.95).
-        cutmix_p: CutMix probability per batch. sup_only_epochs: labeled-only warm-up epochs (0).
+        cutmix_p: CutMix probability per batch.
         **kwargs: :class:`SegmentationModule` arguments.
     """
 
     def __init__(
-        self, *args: Any, lambda_u: float = 1.0, eta: float = 0.95, cutmix_p: float = 0.5,
-        sup_only_epochs: int = 0, **kwargs: Any,
+        self, *args: Any, lambda_u: float = 1.0, eta: float = 0.95, cutmix_p: float = 0.5, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.lambda_u, self.eta, self.cutmix_p, self.sup_only_epochs = lambda_u, eta, cutmix_p, sup_only_epochs
+        self.lambda_u, self.eta, self.cutmix_p = lambda_u, eta, cutmix_p
 
     def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
         x_l, y_l = batch["labeled"]["image"], batch["labeled"]["mask"]
-        if self.current_epoch < self.sup_only_epochs or "unlabeled" not in batch:
-            out_l = self.student(x_l)
-            ctx = self.new_context(out_l, y_l)
-            ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
-            return ctx
         u = batch["unlabeled"]
         out_l, out_w = self.student(torch.cat([x_l, u["image"]])).split([x_l.shape[0], u["image"].shape[0]])
         out_w = out_w.detach()

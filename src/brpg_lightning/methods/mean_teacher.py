@@ -5,21 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassJaccardIndex
 
-from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.ema import EMATeacher
-from brpg_lightning.methods.pseudo_label import (
-    PseudoLabelQuality,
-    drop_percent_schedule,
-    masked_cross_entropy,
-    unsup_filter_mask,
-)
-from brpg_lightning.models.output import as_probabilities, resize_to_input
+from brpg_lightning.methods.pseudo_label import drop_percent_schedule, masked_cross_entropy, unsup_filter_mask
+from brpg_lightning.models.output import SegmentorOutput, as_probabilities, resize_to_input
 
 TEACHER_FORWARDS = ("student_batch", "weak_only")
 """``method.teacher_forward`` options (see :class:`MeanTeacher`)."""
@@ -29,6 +22,8 @@ LU_NORMS = ("paper", "official")
 
 
 class MeanTeacher(SegmentationModule):
+    default_sup_only_epochs = 1
+
     """L = L_s + lambda_u L_u (Eq. 7); the teacher is an EMA of the student.
 
     The first ``sup_only_epochs`` epochs train the student on labeled data only; at the first step after
@@ -63,9 +58,6 @@ class MeanTeacher(SegmentationModule):
             (U2PL ``compute_unsupervised_loss``: that mean times ``B H W / M``).
         label_padding: give pseudo-labels to the unlabeled crop's padded pixels too (the official code
             does); default False: padded pixels are not image content, so they carry no pseudo-label.
-        pl_oracle: DIAGNOSTIC ONLY (off by default): replace the teacher's pseudo-labels by the unlabeled
-            images' true masks (``dataset.oracle_mask_dir``), confidence 1, every valid pixel kept.
-        val_student: also evaluate the student each validation (``val/student/mIoU``; diagnostics).
         **kwargs: :class:`SegmentationModule` arguments.
     """
 
@@ -74,7 +66,6 @@ class MeanTeacher(SegmentationModule):
         *args: Any,
         ema_decay: float = 0.99,
         ema_ramp: bool = True,
-        sup_only_epochs: int = 1,
         lambda_u: float = 1.0,
         unsup_filter: str = "entropy_percentile",
         eta: float = 0.95,
@@ -84,8 +75,6 @@ class MeanTeacher(SegmentationModule):
         teacher_forward: str = "student_batch",
         lu_norm: str = "paper",
         label_padding: bool = False,
-        pl_oracle: bool = False,
-        val_student: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -96,15 +85,9 @@ class MeanTeacher(SegmentationModule):
         if lu_norm not in LU_NORMS:
             raise BRPGInputError(f"method.lu_norm={lu_norm!r}; expected one of {', '.join(LU_NORMS)}")
         self.teacher_forward, self.lu_norm, self.label_padding = teacher_forward, lu_norm, bool(label_padding)
-        self.pl_oracle, self.val_student = bool(pl_oracle), bool(val_student)
         own_stats = teacher_forward == "student_batch"
         self.teacher = EMATeacher(self.student, decay=ema_decay, ramp=ema_ramp, buffers=not own_stats)
-        self.pl_quality = PseudoLabelQuality(self.num_classes)
-        if self.val_student:
-            self.val_miou_student = MulticlassJaccardIndex(num_classes=self.num_classes,
-                                                           ignore_index=IGNORE_INDEX, average="macro")
         self.register_buffer("teacher_ready", torch.tensor(False))
-        self.sup_only_epochs = sup_only_epochs
         self.lambda_u = lambda_u
         self.unsup_filter = unsup_filter
         self.eta, self.beta, self.drop_percent_start = eta, beta, drop_percent_start
@@ -129,68 +112,53 @@ class MeanTeacher(SegmentationModule):
         self.teacher.eval()
         return out
 
-    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
-        labeled = batch["labeled"]
-        x_l, y_l = labeled["image"], labeled["mask"]
-        if self.current_epoch < self.sup_only_epochs or "unlabeled" not in batch:
-            out_l = self.student(x_l)
-            if self._own_teacher_stats and not bool(self.teacher_ready):
-                self._teacher_train_forward(x_l)  # the teacher's BN statistics follow the labeled images
-            ctx = self.new_context(out_l, y_l)
-            ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
-            return ctx
+    def teacher_probabilities(self, out_t: SegmentorOutput, unlabeled: dict[str, Any], size: tuple[int, int]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, valid)``: the eval-mode teacher's softmax on the weak view at ``size``, and the pixels that
+        get a pseudo-label (the diagnostics lab overrides this with the true masks)."""
+        valid = torch.ones_like(unlabeled["valid"]) if self.label_padding else unlabeled["valid"]
+        return as_probabilities(resize_to_input(out_t.logits, size, out_t.stride)), valid
 
+    def unsup_keep(self, filter_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The pixels L_u trains on: the method's filter (Eq. 4, Eq. 5 or the entropy percentile) over ``valid``."""
+        drop = drop_percent_schedule(self.current_epoch, self.trainer.max_epochs, self.drop_percent_start)
+        return unsup_filter_mask(self.unsup_filter, filter_probs, valid, eta=self.eta, beta=self.beta,
+                                 drop_percent=drop)
+
+    def warmup_step(self, batch: dict[str, Any]) -> TrainStepContext:
+        """Labeled-only step; the official teacher also forwards the labeled images for its BN statistics."""
+        if self._own_teacher_stats and not bool(self.teacher_ready):
+            self._teacher_train_forward(batch["labeled"]["image"])
+        return super().warmup_step(batch)
+
+    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
+        x_l, y_l = batch["labeled"]["image"], batch["labeled"]["mask"]
         if not bool(self.teacher_ready):
-            if self._own_teacher_stats:
-                self.teacher.copy_from(self.student, buffers=False)
-            else:
-                self.teacher.copy_from(self.student)
+            self.teacher.copy_from(self.student, buffers=not self._own_teacher_stats)
             self.teacher_ready.fill_(True)
 
         unlabeled = batch["unlabeled"]
-        true_u = unlabeled.get("mask")  # present only in diagnostic runs (dataset.oracle_mask_dir)
-        if self.pl_oracle and true_u is None:
-            raise BRPGInputError("method.pl_oracle=true needs the hidden true masks: set dataset.oracle_mask_dir")
         size = tuple(y_l.shape[-2:])
-        valid = unlabeled["valid"]
-        if self.label_padding:
-            valid = torch.ones_like(valid)
         with torch.no_grad():
             self.teacher.eval()
             out_t = self.teacher(unlabeled["image"])
-            probs = as_probabilities(resize_to_input(out_t.logits, size, out_t.stride))
-            if self.pl_oracle:  # diagnostic: the true masks stand in for the teacher's pseudo-labels
-                valid = valid & (true_u != IGNORE_INDEX)
-                pseudo = true_u.masked_fill(~valid, 0)
-                probs = torch.nn.functional.one_hot(pseudo, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
-            conf, pseudo = probs.max(dim=1)  # Eq. (3)
-            pseudo = pseudo.masked_fill(~valid, IGNORE_INDEX)
-            conf = conf.masked_fill(~valid, 0.0)
+            probs, valid = self.teacher_probabilities(out_t, unlabeled, size)
+            conf, pseudo = self.pseudo_labels(probs, valid)  # Eq. (3)
             maps = [pseudo, conf, valid] + ([] if self._own_teacher_stats else [probs])
-            maps += [true_u] if true_u is not None else []
-            x_s, pseudo, conf, valid, *rest = apply_cutmix(unlabeled["image_strong"], *maps, p=self.cutmix_p)
-            filter_probs = None if self._own_teacher_stats else rest.pop(0)
-            true_mix = rest.pop(0) if true_u is not None else None
+            x_s, pseudo, conf, valid, *rest, boxes = apply_cutmix(unlabeled["image_strong"], *maps, p=self.cutmix_p)
             x_all = torch.cat([x_l, x_s])
             if self._own_teacher_stats:  # the student's exact batch; sets BN statistics, feeds the filter
-                out_t_train = self._teacher_train_forward(x_all).split([x_l.shape[0], x_s.shape[0]])[1]
-                filter_probs = as_probabilities(resize_to_input(out_t_train.logits, size, out_t_train.stride))
+                out_f = self._teacher_train_forward(x_all).split([x_l.shape[0], x_s.shape[0]])[1]
+                filter_probs = as_probabilities(resize_to_input(out_f.logits, size, out_f.stride))
+            else:
+                filter_probs = rest[0]
 
         b_l = x_l.shape[0]
         out_l, out_u = self.student(x_all).split([b_l, x_s.shape[0]])
+        keep = self.unsup_keep(filter_probs, valid)
         ctx = self.new_context(out_l, y_l)
         ctx.unlabeled_teacher, ctx.unlabeled_student = out_t, out_u
-        ctx.pseudo_labels, ctx.pseudo_confidence = pseudo, conf
-
-        if self.pl_oracle:
-            keep = valid.clone()
-        else:
-            drop = drop_percent_schedule(self.current_epoch, self.trainer.max_epochs, self.drop_percent_start)
-            keep = unsup_filter_mask(
-                self.unsup_filter, filter_probs, valid, eta=self.eta, beta=self.beta, drop_percent=drop
-            )
-        if true_mix is not None:
-            self.pl_quality.update(pseudo, keep, valid, true_mix)
+        ctx.pseudo_labels, ctx.pseudo_confidence, ctx.unsup_keep, ctx.cutmix_boxes = pseudo, conf, keep, boxes
         logits_u = resize_to_input(out_u.logits, size, out_u.stride)
         loss_u = masked_cross_entropy(logits_u, pseudo, keep)
         if self.lu_norm == "official":  # U2PL multiplies the mean by B H W / M
@@ -199,27 +167,6 @@ class MeanTeacher(SegmentationModule):
         ctx.add_loss("L_u", self.lambda_u * loss_u)
         self.log("train/unsup_kept", keep.float().mean(), batch_size=b_l)
         return ctx
-
-    def on_train_epoch_end(self) -> None:
-        """Diagnostic runs only: the epoch's pseudo-label quality against the hidden true masks."""
-        if self.pl_quality.has_data():
-            for key, value in self.pl_quality.summary(self.class_names).items():
-                self.log(f"pl/{key}", value)
-            self.pl_quality.reset()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        if self.val_student:
-            masks = batch["mask"]
-            out = self.student(batch["image"])
-            preds = resize_to_input(out.logits, tuple(masks.shape[-2:]), out.stride).argmax(1)
-            self.val_miou_student.update(preds, masks)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if self.val_student:
-            self.log("val/student/mIoU", self.val_miou_student.compute())
-            self.val_miou_student.reset()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """EMA update of the teacher after the optimiser step (Sec. 3.3)."""

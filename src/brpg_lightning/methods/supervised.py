@@ -13,9 +13,6 @@ class Supervised(SegmentationModule):
 
     uses_unlabeled = False
 
-    def compute_step(self, batch: dict[str, Any]) -> TrainStepContext:
-        labeled = batch["labeled"]
-        out_l = self.student(labeled["image"])
-        ctx = self.new_context(out_l, labeled["mask"])
-        ctx.add_loss("L_s", self.supervised_loss(out_l, labeled["mask"]))
-        return ctx
+    def method_step(self, batch: dict[str, Any]) -> TrainStepContext:
+        """Every step is the labeled-only step."""
+        return self.warmup_step(batch)

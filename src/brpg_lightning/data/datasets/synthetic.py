@@ -297,6 +297,19 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=6)
 
 
+def _write_oracle_masks(root: Path, seed: int, image_size: int, num_classes: int, n_labeled: int,
+                        train_pool: int) -> None:
+    """The unlabeled images' true masks in the hidden ``.oracle/unlabeled_masks/`` (the ones missing)."""
+    folder = root / ORACLE_MASK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_labeled, int(train_pool)):
+        path = folder / f"pool_{i:04d}.png"
+        if not path.exists():
+            _, mask = render_synthetic_image(np.random.default_rng([int(seed), _SUBSET_CODES["train"], i]),
+                                             image_size, num_classes)
+            _save_png(mask, path)
+
+
 def generate_synthetic(
     root: str | Path,
     *,
@@ -307,12 +320,14 @@ def generate_synthetic(
     train_pool: int = 400,
     val_size: int = 128,
     force: bool = False,
+    oracle_masks: bool = False,
 ) -> Path:
     """Write the synthetic dataset into ``root`` in the folder layout and return ``root``.
 
     Layout: ``labeled/{images,masks}/pool_XXXX.png`` (the first N pool images), ``unlabeled/images/``
-    (the rest, no masks), ``val/{images,masks}/val_XXXX.png``; the unlabeled images' masks go to the hidden
-    ``.oracle/unlabeled_masks/`` (oracle diagnostic only). A ``.complete`` JSON marker holds the
+    (the rest, no masks), ``val/{images,masks}/val_XXXX.png``; with ``oracle_masks`` the unlabeled images' masks
+    go to the hidden ``.oracle/unlabeled_masks/`` (diagnostics only; added to an existing set when asked
+    later). A ``.complete`` JSON marker holds the
     parameters and :data:`GENERATOR_VERSION`; when it matches, nothing is rewritten. When it is absent or
     differs (or ``force``), ``labeled/``, ``unlabeled/`` and ``val/`` are deleted and regenerated. A root
     holding those folders without any marker of this generator is refused (it may be a user's dataset)
@@ -327,6 +342,7 @@ def generate_synthetic(
         train_pool: number of train images (labeled + unlabeled).
         val_size: number of val images.
         force: regenerate even when the marker matches.
+        oracle_masks: also write the unlabeled images' true masks (the diagnostics lab reads them).
     """
     root = Path(root)
     split = str(split)
@@ -336,6 +352,8 @@ def generate_synthetic(
         raise BRPGInputError(f"synthetic image_size={image_size} (>= 8) and val_size={val_size} (>= 1) expected")
     params = _params(seed, split, num_classes, image_size, train_pool, val_size)
     if not force and _read_marker_params(root) == params:
+        if oracle_masks:
+            _write_oracle_masks(root, seed, image_size, num_classes, n_labeled, train_pool)
         return root
 
     subsets = [root / "labeled", root / "unlabeled", root / "val", root / ".oracle"]
@@ -353,7 +371,7 @@ def generate_synthetic(
             shutil.rmtree(p)
     dirs = {
         "li": root / "labeled" / "images", "lm": root / "labeled" / "masks",
-        "ui": root / "unlabeled" / "images", "om": root / ORACLE_MASK_DIR, "vi": root / "val" / "images", "vm": root / "val" / "masks",
+        "ui": root / "unlabeled" / "images", "vi": root / "val" / "images", "vm": root / "val" / "masks",
     }
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -367,7 +385,6 @@ def generate_synthetic(
             _save_png(mask, dirs["lm"] / name)
         else:
             _save_png(image, dirs["ui"] / name)
-            _save_png(mask, dirs["om"] / name)  # hidden: the oracle diagnostic only
     for i in range(int(val_size)):
         rng = np.random.default_rng([int(seed), _SUBSET_CODES["val"], i])
         image, mask = render_synthetic_image(rng, image_size, num_classes)
@@ -375,6 +392,8 @@ def generate_synthetic(
         _save_png(image, dirs["vi"] / name)
         _save_png(mask, dirs["vm"] / name)
 
+    if oracle_masks:
+        _write_oracle_masks(root, seed, image_size, num_classes, n_labeled, train_pool)
     marker = dict(params, class_names=synthetic_class_names(num_classes), num_labeled=n_labeled)
     (root / MARKER_NAME).write_text(json.dumps(marker, indent=1, sort_keys=True))
     (root / _IN_PROGRESS_NAME).unlink(missing_ok=True)
