@@ -36,11 +36,11 @@ def setup(batch: int, dim: int, crop: int, grid: int, num_random: int, seed: int
 
 
 def ours(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return sample_points(fmap, coords, STRIDE)
+    return sample_points(fmap, coords, STRIDE, align_corners=True, size=size)  # the official geometry
 
 
 def official(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    up = resize_to_input(fmap, size, STRIDE)  # (B, D, H, W)
+    up = resize_to_input(fmap, size, STRIDE, align_corners=True)  # (B, D, H, W), as F.interpolate there
     b = torch.arange(fmap.shape[0]).view(-1, 1)
     return up[b, :, coords[..., 0], coords[..., 1]]  # (B, M, D)
 
@@ -102,7 +102,7 @@ def run(quick: bool) -> list[str]:
 
     h = fmap.shape[-1]
     m = coords.shape[1]
-    analytic_official = batch * dim * (h * STRIDE) ** 2 * 4  # interpolate output before the crop
+    analytic_official = batch * dim * size[0] * size[1] * 4  # the interpolated (B, D, H, W) map
     analytic_ours = batch * m * dim * 4  # (B, D, M, 1) grid_sample output
     growth_ours = peak_growth("ours", args)
     growth_official = peak_growth("official", args)

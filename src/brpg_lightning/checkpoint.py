@@ -5,10 +5,14 @@ Every checkpoint written by a method (``methods.base.SegmentationModule.on_save_
 
     {"version": 1, "class_names": [...], "palette": [[r, g, b], ...], "normalization": {"mean", "std"},
      "model": {...the run's resolved model config...}, "eval_prefix": "teacher.module.",
-     "ignore_index": 255, "protocol": {"val_mode", "val_crop_size", "crop_size"}, "package_version": "..."}
+     "align_corners": true, "ignore_index": 255, "protocol": {"val_mode", "val_crop_size", "crop_size"},
+     "package_version": "..."}
 
 so that ``python -m brpg_lightning.predict`` and ``python -m brpg_lightning.export`` rebuild the evaluated
-network (the teacher for mean teacher) and colour its output with no dataset on disk.
+network (the teacher for mean teacher) and colour its output with no dataset on disk. ``align_corners`` is the
+geometry the logits were upsampled with in training (``models.output.resize_to_input``); predict, export and
+``evaluate`` rebuild the network with it, and a checkpoint written before it was stored reads as False, the
+geometry it was trained with (:func:`stored_align_corners`).
 """
 
 from __future__ import annotations
@@ -75,8 +79,30 @@ def dataset_palette(dataset_cfg: Mapping[str, Any], num_classes: int) -> list[li
     return voc_palette(num_classes)
 
 
-def inference_metadata(run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str) -> dict[str, Any]:
-    """The ``inference`` block for a run: see the module docstring."""
+LEGACY_ALIGN_CORNERS = False
+"""The geometry of checkpoints that do not name one: every run before the ``align_corners`` key existed."""
+
+
+def stored_align_corners(ckpt: Mapping[str, Any]) -> bool:
+    """The geometry a checkpoint's network was trained with: the ``inference`` block's ``align_corners``, else
+    the stored run config's ``model.align_corners``, else :data:`LEGACY_ALIGN_CORNERS`."""
+    meta = ckpt.get("inference") or {}
+    if meta.get("align_corners") is not None:
+        return bool(meta["align_corners"])
+    model = (ckpt.get("hyper_parameters") or {}).get("run_config", {}).get("model") or {}
+    if model.get("align_corners") is not None:
+        return bool(model["align_corners"])
+    return LEGACY_ALIGN_CORNERS
+
+
+def inference_metadata(
+    run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str, align_corners: bool | None = None
+) -> dict[str, Any]:
+    """The ``inference`` block for a run: see the module docstring.
+
+    ``align_corners``: the evaluated network's geometry (``Segmentor.align_corners``); None takes the model
+    config's ``align_corners`` (the segmentor's default, True, when the config has none).
+    """
     from brpg_lightning import __version__
 
     dataset = dict(run_config.get("dataset") or {})
@@ -94,6 +120,7 @@ def inference_metadata(run_config: Mapping[str, Any], class_names: Sequence[str]
         },
         "model": model,
         "eval_prefix": eval_prefix,
+        "align_corners": bool(model.get("align_corners", True) if align_corners is None else align_corners),
         "ignore_index": IGNORE_INDEX,
         "protocol": {
             "val_mode": dataset.get("val_mode"),
@@ -142,21 +169,27 @@ class ClassificationPath(nn.Module):
     ``forward(x)``: normalised images ``(B, 3, H, W)``, any ``H, W`` -> logits ``(B, C, H, W)``. Pads
     bottom/right to the segmentor's ``pad_multiple`` (always, with a possibly zero amount, so a traced or
     exported graph stays valid for every size), runs ``E``, the decoder and ``F`` (the feature head ``G`` is
-    training-only) and upsamples by the decoder stride as ``models.output.resize_to_input`` does. Equal to
-    ``resize_to_input(segmentor(x).logits, (H, W), stride)``.
+    training-only) and upsamples with the segmentor's geometry as ``models.output.resize_to_input`` does:
+    ``align_corners=True``, the map cropped to ``(ceil(H / stride), ceil(W / stride))`` then interpolated to
+    ``(H, W)`` with ``align_corners=True``; False, by the stride then cropped. Equal to
+    ``segmentor(x).logits_at((H, W))``.
     """
 
     def __init__(self, segmentor: nn.Module) -> None:
         super().__init__()
         self.encoder, self.decoder, self.classifier = segmentor.encoder, segmentor.decoder, segmentor.classifier
         self.pad_multiple, self.stride = int(segmentor.pad_multiple), int(segmentor.stride)
+        self.align_corners = bool(getattr(segmentor, "align_corners", LEGACY_ALIGN_CORNERS))
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2], x.shape[-1]
-        m = self.pad_multiple
+        m, s = self.pad_multiple, self.stride
         x = F.pad(x, (0, (m - width % m) % m, 0, (m - height % m) % m))
         logits = self.classifier(self.decoder(self.encoder(x)))
-        logits = F.interpolate(logits, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        if self.align_corners:  # size arithmetic without negative floor division (traced and exported alike)
+            logits = logits[..., : (height + s - 1) // s, : (width + s - 1) // s]
+            return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, scale_factor=s, mode="bilinear", align_corners=False)
         return logits[..., :height, :width]
 
 
@@ -166,6 +199,7 @@ def build_eval_network(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: s
 
     model_cfg = dict(meta["model"])
     model_cfg.update(encoder_weights=None)  # weights come from the checkpoint, never from a hub
+    model_cfg["align_corners"] = stored_align_corners({**ckpt, "inference": meta})
     if "weights_path" in model_cfg:
         model_cfg["weights_path"] = None
     segmentor = instantiate(model_cfg, _convert_="all")

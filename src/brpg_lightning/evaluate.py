@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brpg_lightning.checkpoint import load_checkpoint
+from brpg_lightning.checkpoint import load_checkpoint, stored_align_corners
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
@@ -33,13 +33,16 @@ __all__ = ["evaluate", "report", "write_report", "load_checkpoint", "run", "main
 
 
 def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
-    """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in."""
+    """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in, and
+    ``model.align_corners`` set to the geometry the network was trained with (False for a checkpoint written
+    before the key existed: the segmentor's default would otherwise change it)."""
     run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
     overrides = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False) if cfg.get("dataset") else {}
     overrides = {k: v for k, v in overrides.items() if v != "???"}  # a preset's mandatory keys keep stored values
     if "_target_" not in overrides:  # no preset chosen: only the keys given on the command line
         overrides = {k: v for k, v in overrides.items() if v is not None}
     with open_dict(run_cfg):
+        run_cfg.model.align_corners = stored_align_corners(ckpt)
         if cfg.get("split") is not None:
             run_cfg.split = cfg.split
             run_cfg.dataset.split = cfg.split

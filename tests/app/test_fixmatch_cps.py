@@ -9,13 +9,13 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.cps import CPS
 from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.fixmatch import FixMatch, fixmatch_loss
-from brpg_lightning.models.output import resize_to_input
 from brpg_lightning.models.segmentor import Segmentor
 from tests.conftest import random_semi_batch
 
@@ -39,6 +39,11 @@ def segmentor(seed: int) -> Segmentor:
     torch.manual_seed(seed)  # no dropout: train-mode forwards are repeatable
     return Segmentor(C, encoder_name="resnet18", decoder_channels=16, feature_dim=8, head_dropout=0.0,
                      decoder_aspp_dropout=0.0)
+
+
+def official(logits: torch.Tensor) -> torch.Tensor:
+    """The official code's upsampling to the crop (the segmentors' default geometry)."""
+    return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=True)
 
 
 def _reference_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -74,14 +79,15 @@ def test_fixmatch_pseudo_labels_from_its_own_weak_view_and_thresholded_loss() ->
     x_l, u = b["labeled"]["image"], b["unlabeled"]
     with torch.no_grad():  # reference: the same network, same joint train-mode forward
         ref = module.student(torch.cat([x_l, u["image"]]))
-        probs = torch.softmax(resize_to_input(ref.logits[2:], (H, W), ref.stride), 1)
+        probs = torch.softmax(official(ref.logits[2:]), 1)
     conf, label = probs.max(1)
     assert torch.equal(ctx.pseudo_labels, label) and torch.allclose(ctx.pseudo_confidence, conf)
     assert ctx.unlabeled_teacher.logits.requires_grad is False  # detached weak view (BRPG bank features)
     assert ctx.unlabeled_student.logits.requires_grad
     assert set(ctx.losses) == {"L_s", "L_u"} and ctx.network == "student"
     # the strong view is trained on the weak-view labels where conf >= eta: a pixel loop on the student's output
-    logits_s = resize_to_input(ctx.unlabeled_student.logits.detach(), (H, W), 4)
+    assert ctx.unlabeled_student.align_corners and ctx.unlabeled_teacher.align_corners
+    logits_s = official(ctx.unlabeled_student.logits.detach())
     expected = _reference_ce(logits_s, label, torch.ones_like(label, dtype=torch.bool)) / label.numel()
     assert torch.allclose(ctx.losses["L_u"].double(), expected, atol=1e-5)
     module.eta = 1.01  # nothing passes the threshold: no unsupervised signal
@@ -103,11 +109,11 @@ def test_cps_networks_supervise_each_other_with_hard_labels() -> None:
     with torch.no_grad():
         for net in nets:
             out = net(b["unlabeled"]["image"])
-            labels.append(resize_to_input(out.logits, (H, W), out.stride).argmax(1))
+            labels.append(official(out.logits).argmax(1))
     assert not torch.equal(labels[0], labels[1])  # different initialisations disagree
     assert torch.equal(ctx1.pseudo_labels, labels[1]) and torch.equal(ctx2.pseudo_labels, labels[0])
     for ctx, target in ((ctx1, labels[1]), (ctx2, labels[0])):
-        logits_u = resize_to_input(ctx.unlabeled_student.logits.detach(), (H, W), 4)
+        logits_u = official(ctx.unlabeled_student.logits.detach())
         expected = 1.5 * _reference_ce(logits_u, target, torch.ones_like(target, dtype=torch.bool)) / target.numel()
         assert torch.allclose(ctx.losses["L_cps"].double(), expected, atol=1e-5)
         assert set(ctx.losses) == {"L_s", "L_cps"}
@@ -123,9 +129,9 @@ def test_cps_evaluation_net1_or_mean_of_logits() -> None:
     with torch.no_grad():
         a, b = module.student(x).logits, module.net2(x).logits
         got = module.predict_logits(x, (H, W))
-        assert torch.allclose(got, resize_to_input((a + b) / 2, (H, W), 4), atol=1e-6)
+        assert torch.allclose(got, official((a + b) / 2), atol=1e-6)
         module.eval_on = "net1"
-        assert torch.allclose(module.predict_logits(x, (H, W)), resize_to_input(a, (H, W), 4))
+        assert torch.allclose(module.predict_logits(x, (H, W)), official(a))
     with pytest.raises(BRPGInputError, match="method.eval_on='both'"):
         make_cps(eval_on="both")
 
@@ -223,7 +229,7 @@ def test_fixmatch_step_unsupervised_loss_by_hand() -> None:
     net = copy.deepcopy(module.student).train()
     with torch.no_grad():
         x_l, x_w, x_s0 = b["labeled"]["image"], b["unlabeled"]["image"], b["unlabeled"]["image_strong"]
-        probs = torch.softmax(resize_to_input(net(torch.cat([x_l, x_w])).logits[3:], (H, W), 4), 1)
+        probs = torch.softmax(F.interpolate(net(torch.cat([x_l, x_w])).logits[3:], (H, W), mode="bilinear", align_corners=True), 1)
     module.eta = float(probs.max(1).values.median())  # so that about half the pixels pass
     torch.manual_seed(7)
     ctx = module.compute_step(b)
@@ -239,7 +245,7 @@ def test_fixmatch_step_unsupervised_loss_by_hand() -> None:
         conf[i][boxes[i]], mask[i][boxes[i]], ignore[i][boxes[i]] = (
             conf_w[src][boxes[i]], mask_w[src][boxes[i]], ignore_w[src][boxes[i]])
     with torch.no_grad():
-        logits_s = resize_to_input(net(x_s).logits, (H, W), 4)
+        logits_s = F.interpolate(net(x_s).logits, (H, W), mode="bilinear", align_corners=True)
     weight = (conf >= module.eta) & (ignore != 255)
     expected = _reference_ce(logits_s, mask, weight) / (ignore != 255).sum()
     assert 0 < int(weight.sum()) < int((ignore != 255).sum())

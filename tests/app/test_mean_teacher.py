@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.methods.cutmix import cutmix_box
-from brpg_lightning.models.output import resize_to_input
 from brpg_lightning.models.segmentor import Segmentor
 from tests.conftest import random_semi_batch
 
@@ -44,7 +43,7 @@ def bn_buffers(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def upsample(logits: torch.Tensor) -> torch.Tensor:
     """The official code's upsampling of decoder maps to the crop."""
-    return resize_to_input(logits, (H, W), 4)
+    return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=True)
 
 
 class Epoch:
@@ -108,7 +107,7 @@ def test_pseudo_labels_come_from_the_teacher_weak_view() -> None:
     with torch.no_grad():
         module.teacher.eval()
         out = module.teacher(b["unlabeled"]["image"])
-        probs = torch.softmax(resize_to_input(out.logits, (H, W), out.stride), 1)
+        probs = torch.softmax(upsample(out.logits), 1)
     conf, label = probs.max(1)
     assert torch.equal(ctx.pseudo_labels, label)  # cutmix_p=0: unmixed
     assert torch.allclose(ctx.pseudo_confidence, conf)

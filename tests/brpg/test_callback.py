@@ -93,6 +93,56 @@ def test_stages_follow_T_S1_T_S2_and_loss_is_added_only_in_the_prototype_stage()
     assert cb.current_eta_t(mid) == pytest.approx(0.8 + 0.15 * 45 / 90)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_prototype_step_reads_points_with_the_geometry_of_the_output(align_corners: bool) -> None:
+    """``L_pro^l`` and ``L_pro^u`` equal the official way: ``F.interpolate`` of the feature maps to the crop
+    (with the outputs' ``align_corners``), then indexing at the grid points (0, 3, 6, 9 at 16 px, grid 4) and
+    at the random points; the other geometry gives another loss."""
+    import torch.nn.functional as F
+
+    from brpg_lightning.brpg.prototype_loss import prototype_ce
+    from brpg_lightning.brpg.sampling import gather_points, random_points
+    from brpg_lightning.constants import IGNORE_INDEX
+
+    cb, module = make_callback(), StubModule()
+    for step in range(1, 4):
+        cb.on_train_step_context(None, module, make_ctx(1, step, 100, seed=step))
+    ctx = make_ctx(2, 10, 100, seed=9)
+    for out in (ctx.labeled, ctx.unlabeled_teacher, ctx.unlabeled_student):
+        out.align_corners = align_corners
+    cb.cluster(None, module, 10)
+    protos, pmask = cb.prototypes.clone(), cb.proto_mask.clone()
+    torch.manual_seed(5)
+    cb.on_train_step_context(None, module, ctx)
+
+    def up(fmap: torch.Tensor, corners: bool) -> torch.Tensor:
+        if corners:
+            return F.interpolate(fmap, size=(H, W), mode="bilinear", align_corners=True)
+        return F.interpolate(fmap, scale_factor=S, mode="bilinear", align_corners=False)
+
+    def read(fmap: torch.Tensor, coords: torch.Tensor, corners: bool) -> torch.Tensor:
+        big = up(fmap, corners).permute(0, 2, 3, 1)  # (B, H, W, D)
+        return torch.stack([big[b, coords[b, :, 0], coords[b, :, 1]] for b in range(fmap.shape[0])]).flatten(0, 1)
+
+    positions = torch.tensor([0, 3, 6, 9])
+    grid = torch.stack(torch.meshgrid(positions, positions, indexing="ij"), -1).view(1, 16, 2).expand(2, -1, -1)
+    y_l = gather_points(ctx.labels, grid).flatten()
+
+    def loss_l(corners: bool) -> float:
+        f = read(ctx.labeled.features, grid, corners)
+        return float(prototype_ce(f, y_l, protos, pmask, cb.tau, IGNORE_INDEX)[0])
+
+    assert module.logged["brpg/L_pro_l"] == pytest.approx(loss_l(align_corners), rel=1e-5)
+    assert abs(loss_l(not align_corners) - module.logged["brpg/L_pro_l"]) > 1e-4
+    torch.manual_seed(5)  # the callback's random points (Eq. 18), drawn again
+    cand = (ctx.pseudo_labels != IGNORE_INDEX) & (ctx.pseudo_confidence >= module.logged["brpg/eta_t"])
+    coords, ok = random_points(cand, cb.M_u)
+    y_u = gather_points(ctx.pseudo_labels, coords).masked_fill(~ok, IGNORE_INDEX).flatten()
+    f_u = read(ctx.unlabeled_student.features, coords, align_corners)
+    expected_u = float(prototype_ce(f_u, y_u, protos, pmask, cb.tau, IGNORE_INDEX)[0])
+    assert module.logged["brpg/L_pro_u"] == pytest.approx(expected_u, rel=1e-5)
+
+
 def test_prototypes_cluster_per_class_and_apo_adds_one() -> None:
     cb, module = make_callback(), StubModule()
     for step in range(4):

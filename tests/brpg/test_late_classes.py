@@ -21,6 +21,7 @@ from tests.brpg.test_callback import C, D, H, S, StubModule, W, make_callback, m
 from tests.brpg.test_distributed import _free_port
 
 LATE = 3  # the class that never reaches a bank
+GRID = 3  # grid points at 0, 5, 10 of the 16 px crop (i * (15 // 3)): decoder cells 0, 1, 2 of each axis, once each
 CENTRES = torch.eye(C, D) * 5.0
 
 
@@ -31,16 +32,17 @@ def _out(labels: torch.Tensor, g: torch.Generator, grad: bool = False) -> Segmen
     feats = CENTRES[labels].permute(0, 3, 1, 2) + torch.randn(b, D, h, w, generator=g) * 0.3
     if grad:
         feats.requires_grad_(True)
-    return SegmentorOutput(logits, feats, feats, S)
+    return SegmentorOutput(logits, feats, feats, S, align_corners=True)
 
 
 def ctx_with(epoch: int, step: int, seed: int, late_cells: int = 0, grad: bool = False) -> TrainStepContext:
     """Labels of classes 0..2 only (class LATE absent), except ``late_cells`` cells of the first labeled
-    image set to LATE. Every labeled decoder cell holds exactly one grid point (grid 4 on 4x4 cells)."""
+    image set to LATE, taken row-major among the 3 x 3 decoder cells that hold a grid point (one each)."""
     g = torch.Generator().manual_seed(seed)
     h, w = H // S, W // S
     lab = torch.randint(0, LATE, (2, h, w), generator=g)
-    lab.view(2, -1)[0, :late_cells] = LATE
+    cells = torch.arange(late_cells)
+    lab[0, cells // GRID, cells % GRID] = LATE
     t_lab = torch.randint(0, LATE, (2, h, w), generator=g)
     up = lambda t: t.repeat_interleave(S, 1).repeat_interleave(S, 2)  # noqa: E731
     return TrainStepContext(
@@ -50,8 +52,12 @@ def ctx_with(epoch: int, step: int, seed: int, late_cells: int = 0, grad: bool =
     )
 
 
+def make_late_callback(**kwargs) -> BRPGCallback:
+    return make_callback(grid=GRID, **kwargs)
+
+
 def sampled_then_clustered(**kwargs) -> tuple[BRPGCallback, StubModule]:
-    cb, module = make_callback(**kwargs), StubModule()
+    cb, module = make_late_callback(**kwargs), StubModule()
     for step in range(3):
         cb.on_train_step_context(None, module, ctx_with(1, step, seed=step))
     cb.on_train_step_context(None, module, ctx_with(2, 3, seed=3))  # clusters, class LATE still absent
@@ -59,8 +65,9 @@ def sampled_then_clustered(**kwargs) -> tuple[BRPGCallback, StubModule]:
 
 
 def labeled_points(ctx: TrainStepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    coords = grid_points(ctx.labels.shape[0], H, W, 4)
-    f = sample_points(ctx.labeled.features.detach(), coords, S).flatten(0, 1)
+    coords = grid_points(ctx.labels.shape[0], H, W, GRID)
+    assert sorted({y for y, _ in coords[0].tolist()}) == [0, 5, 10]
+    f = sample_points(ctx.labeled.features.detach(), coords, S, align_corners=True, size=(H, W)).flatten(0, 1)
     return f, gather_points(ctx.labels, coords).flatten()
 
 
@@ -108,7 +115,7 @@ def test_late_initialisation_resumes_exactly_from_the_state_dict() -> None:
     buf = io.BytesIO()
     torch.save(cb.state_dict(), buf)
     buf.seek(0)
-    restored = make_callback()
+    restored = make_late_callback()
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.missing == [] and torch.equal(restored.init_step, cb.init_step)
     assert str(restored.statistics()) == str(cb.statistics())  # str: NaN dispersions compare equal
@@ -119,7 +126,7 @@ def test_late_initialisation_resumes_exactly_from_the_state_dict() -> None:
 
     # saved before the class appeared: the restored run still knows it lacks prototypes
     cb2, module2 = sampled_then_clustered()
-    restored2 = make_callback()
+    restored2 = make_late_callback()
     restored2.load_state_dict(cb2.state_dict())
     assert restored2.missing == [LATE]
     for run in (cb2, restored2):
@@ -129,10 +136,10 @@ def test_late_initialisation_resumes_exactly_from_the_state_dict() -> None:
 
 
 def test_clustering_with_empty_banks_recovers_through_late_initialisation() -> None:
-    cb, module = make_callback(), StubModule()
+    cb, module = make_late_callback(), StubModule()
     cb.on_train_step_context(None, module, ctx_with(2, 0, seed=0, late_cells=6))  # no sampling step ran
     assert cb.prototypes.shape[-1] == D  # re-allocated in the feature space
-    # classes 0..2 are on a 4x4 grid of 2 images: each has >= 4 points with this seed, LATE has 6
+    # classes 0..2 are on a 3x3 grid of 2 images: each has >= 4 points with this seed, LATE has 6
     counts = cb.proto_mask.sum(1)
     f, y = labeled_points(ctx_with(2, 0, seed=0, late_cells=6))
     have = torch.bincount(y, minlength=C) >= 4
@@ -228,7 +235,7 @@ def _ddp_late(rank: int, world: int, port: int, results: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank)
-        cb, module = make_callback(), StubModule()
+        cb, module = make_late_callback(), StubModule()
         for step in range(3):
             cb.on_train_step_context(None, module, ctx_with(1, step, seed=10 * step + rank))
         cb.on_train_step_context(None, module, ctx_with(2, 3, seed=40 + rank))

@@ -13,6 +13,7 @@ from brpg_lightning.brpg.sampling import (
     downsample_labels,
     gather_points,
     grid_points,
+    grid_positions,
     random_points,
     random_subset,
     sample_grid,
@@ -20,7 +21,6 @@ from brpg_lightning.brpg.sampling import (
     sample_points_grid_sample,
 )
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.models.output import resize_to_input
 
 # one image, 1 x 5 pixels, 3 classes; worked by hand below
 PROBS = (
@@ -58,13 +58,33 @@ def test_bank_masks_unlabeled_by_hand() -> None:
 
 def test_grid_points_by_hand() -> None:
     coords = grid_points(2, 64, 64, grid=4)
-    centres = [8, 24, 40, 56]  # floor((i + 0.5) * 64 / 4)
-    expected = [[y, x] for y in centres for x in centres]
+    positions = [0, 15, 30, 45]  # i * ((64 - 1) // 4) = i * 15
+    expected = [[y, x] for y in positions for x in positions]
     assert coords.shape == (2, 16, 2) and coords.dtype == torch.long
     assert coords[0].tolist() == expected and coords[1].tolist() == expected
-    rect = grid_points(1, 10, 7, grid=3)  # y: floor(0.5*10/3)=1, floor(1.5*10/3)=5, floor(2.5*10/3)=8
-    assert sorted({y for y, _ in rect[0].tolist()}) == [1, 5, 8]
-    assert sorted({x for _, x in rect[0].tolist()}) == [1, 3, 5]  # floor(7/6), floor(21/6), floor(35/6)
+    rect = grid_points(1, 10, 7, grid=3)  # y: step 9 // 3 = 3; x: step 6 // 3 = 2 (each axis its own size)
+    assert sorted({y for y, _ in rect[0].tolist()}) == [0, 3, 6]
+    assert sorted({x for _, x in rect[0].tolist()}) == [0, 2, 4]
+
+
+def test_grid_points_are_the_official_positions_at_513_and_769() -> None:
+    """The paper's 32 x 32 count at the official code's positions ``i * ((H - 1) // 32)`` (which adds H - 1)."""
+    at_513 = list(range(0, 497, 16))  # step 512 // 32 = 16: 0, 16, ..., 496
+    at_769 = list(range(0, 745, 24))  # step 768 // 32 = 24: 0, 24, ..., 744
+    assert len(at_513) == len(at_769) == 32 and at_513[-1] == 496 and at_769[-1] == 744
+    assert grid_positions(513, 32).tolist() == at_513 and grid_positions(769, 32).tolist() == at_769
+    official_513 = [i * 16 for i in range(32)] + [512]  # train_semi.py's sample_id at h = 513
+    assert set(at_513) == set(official_513) - {512}
+    coords = grid_points(1, 513, 769, 32)[0]  # y over 513 rows, x over 769 columns
+    assert coords.shape == (1024, 2)
+    assert coords[:32].tolist() == [[0, x] for x in at_769]  # row-major, y outer
+    assert coords[::32, 0].tolist() == at_513 and coords[-1].tolist() == [496, 744]
+
+
+def test_grid_points_need_more_pixels_than_points() -> None:
+    assert grid_positions(33, 32).tolist() == list(range(32))  # step 1
+    with pytest.raises(ValueError, match="more than 32 pixels"):
+        grid_points(1, 32, 64, 32)  # step 31 // 32 = 0 would put every row at 0
 
 
 @pytest.mark.parametrize("num", [5, 40, 200])
@@ -103,62 +123,101 @@ def test_random_subset() -> None:
     assert idx.numel() == 30 and idx.unique().numel() == 30 and 0 <= idx.min() and idx.max() < 100
 
 
-def _reference_upsampled(fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int], stride: int):
+def _upsampled(fmap: torch.Tensor, size: tuple[int, int], stride: int, align_corners: bool) -> torch.Tensor:
+    """The map at the crop by ``F.interpolate`` alone: the official ``size=(H, W), align_corners=True``, or
+    by the stride (``align_corners=False``) then cropped."""
+    if align_corners:
+        return F.interpolate(fmap, size=size, mode="bilinear", align_corners=True)
+    return F.interpolate(fmap, scale_factor=stride, mode="bilinear", align_corners=False)[..., : size[0], : size[1]]
+
+
+def _reference_upsampled(
+    fmap: torch.Tensor, coords: torch.Tensor, size: tuple[int, int], stride: int, align_corners: bool = False
+) -> torch.Tensor:
     """The official way: upsample the whole map to the crop, then index each point."""
-    up = resize_to_input(fmap, size, stride)
+    up = _upsampled(fmap, size, stride, align_corners)
     return torch.stack([up[b, :, coords[b, :, 0], coords[b, :, 1]].t() for b in range(fmap.shape[0])])
 
 
+GEOMETRIES = [pytest.param(True, id="align_corners"), pytest.param(False, id="by_stride")]
+
+
+@pytest.mark.parametrize("align_corners", GEOMETRIES)
 @pytest.mark.parametrize("reader", [sample_points, sample_points_grid_sample])  # sparse product | grid_sample
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
-    ("height", "width", "stride"), [(321, 321, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)]
+    ("height", "width", "stride"),
+    [(513, 513, 4), (769, 769, 4), (513, 769, 4), (321, 290, 4), (64, 64, 4), (100, 75, 8)],
 )
 def test_sample_points_equals_upsample_then_index(
-    height: int, width: int, stride: int, dtype: torch.dtype, reader
+    height: int, width: int, stride: int, dtype: torch.dtype, reader, align_corners: bool
 ) -> None:
     gen = torch.Generator().manual_seed(height + width)
-    h, w = math.ceil(height / stride), math.ceil(width / stride)
-    fmap = torch.randn(2, 5, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    h, w = math.ceil(height / stride), math.ceil(width / stride)  # the segmentor's map (129 at 513, 193 at 769)
+    fmap = torch.randn(2, 3, h, w, generator=gen, dtype=torch.float64).to(dtype)
     ys = torch.randint(0, height, (2, 300), generator=gen)
     xs = torch.randint(0, width, (2, 300), generator=gen)
     borders = torch.tensor(
         [[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1], [1, 2], [height - 2, 3]]
     )
     coords = torch.cat([torch.stack([ys, xs], -1), borders.expand(2, -1, -1)], dim=1)
-    got = reader(fmap, coords, stride)
-    assert got.shape == (2, coords.shape[1], 5)
-    expected = _reference_upsampled(fmap, coords, (height, width), stride)
+    got = reader(fmap, coords, stride, align_corners=align_corners, size=(height, width))
+    assert got.shape == (2, coords.shape[1], 3)
+    expected = _reference_upsampled(fmap, coords, (height, width), stride, align_corners)
     # float64: the same numbers; float32: positions round-trip through [-1, 1] (~1e-5 of a map pixel)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+def test_align_corners_reads_map_pixels_at_every_fourth_crop_pixel_at_513() -> None:
+    """Hand-worked: at 513 with the segmentor's 129-pixel map, ``p (129 - 1) / (513 - 1) = p / 4``: crop pixel
+    ``4k`` is map pixel ``k`` exactly, ``4k + 2`` the mean of ``k`` and ``k + 1``; by the stride it would read
+    ``(4k + 2.5) / 4 - 0.5 = k + 0.125``."""
+    fmap = torch.arange(129.0, dtype=torch.float64).view(1, 1, 129, 1).expand(1, 1, 129, 129).contiguous()
+    coords = torch.tensor([[[0, 0], [4, 0], [8, 0], [10, 0], [512, 0], [508, 0]]])
+    got = sample_points(fmap, coords, 4, align_corners=True, size=(513, 513))[0, :, 0]
+    assert got.tolist() == [0.0, 1.0, 2.0, 2.5, 128.0, 127.0]
+    by_stride = sample_points(fmap, coords, 4)[0, :, 0]
+    assert by_stride.tolist() == [0.0, 0.625, 1.625, 2.125, 127.625, 126.625]
+
+
+def test_align_corners_reads_need_the_input_size() -> None:
+    fmap, coords = torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 2, dtype=torch.long)
+    for reader in (sample_points, sample_points_grid_sample):
+        with pytest.raises(ValueError, match="input size"):
+            reader(fmap, coords, 4, align_corners=True)
+
+
+@pytest.mark.parametrize("align_corners", GEOMETRIES)
 @pytest.mark.parametrize("reader", [sample_points, sample_points_grid_sample])
-def test_sample_points_gradient_equals_upsample_then_index(reader) -> None:  # noqa: ANN001
+def test_sample_points_gradient_equals_upsample_then_index(reader, align_corners: bool) -> None:  # noqa: ANN001
     gen = torch.Generator().manual_seed(0)
-    fmap = torch.randn(2, 3, 81, 81, generator=gen, requires_grad=True)
-    coords = torch.randint(0, 321, (2, 200, 2), generator=gen)
+    fmap = torch.randn(2, 3, 129, 129, generator=gen, requires_grad=True)
+    coords = torch.randint(0, 513, (2, 200, 2), generator=gen)
     weights = torch.randn(2, 200, 3, generator=gen)
-    (reader(fmap, coords, 4) * weights).sum().backward()
+    (reader(fmap, coords, 4, align_corners=align_corners, size=(513, 513)) * weights).sum().backward()
     ours = fmap.grad.clone()
     fmap.grad = None
-    (_reference_upsampled(fmap, coords, (321, 321), 4) * weights).sum().backward()
+    (_reference_upsampled(fmap, coords, (513, 513), 4, align_corners) * weights).sum().backward()
     torch.testing.assert_close(ours, fmap.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("align_corners", GEOMETRIES)
 @pytest.mark.parametrize(
-    ("height", "width", "stride", "grid"), [(80, 80, 4, 32), (321, 290, 4, 32), (64, 48, 8, 5), (30, 30, 4, 40)]
+    ("height", "width", "stride", "grid", "extra_row"),
+    [(513, 513, 4, 32, 0), (769, 769, 4, 32, 0), (513, 769, 4, 32, 0), (80, 80, 4, 32, 1),
+     (321, 290, 4, 32, 1), (64, 48, 8, 5, 0), (30, 30, 4, 29, 0)],
 )
 def test_sample_grid_equals_upsample_at_the_grid_points_with_gradient(
-    height: int, width: int, stride: int, grid: int
+    height: int, width: int, stride: int, grid: int, extra_row: int, align_corners: bool
 ) -> None:
     gen = torch.Generator().manual_seed(height * width + grid)
-    h, w = math.ceil(height / stride) + 1, math.ceil(width / stride)  # one padded map row, as a padded forward
-    fmap = torch.randn(3, 6, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    # the segmentor's map; extra_row: one more map row, as an uncropped padded forward
+    h, w = math.ceil(height / stride) + extra_row, math.ceil(width / stride)
+    fmap = torch.randn(3, 4, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
     coords = grid_points(3, height, width, grid)
-    got = sample_grid(fmap, height, width, grid, stride)
-    expected = _reference_upsampled(fmap, coords, (height, width), stride)
+    got = sample_grid(fmap, height, width, grid, stride, align_corners=align_corners)
+    expected = _reference_upsampled(fmap, coords, (height, width), stride, align_corners)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
     (g_ours,) = torch.autograd.grad((got * weights).sum(), fmap)
@@ -183,11 +242,12 @@ def test_downsample_labels_matches_nearest_interpolate() -> None:
     assert got[0, 5, 7] == labels[0, (5 * 321) // 81, (7 * 321) // 81]
 
 
-def test_sample_points_reads_16_bit_maps_in_float32() -> None:
+@pytest.mark.parametrize("align_corners", GEOMETRIES)
+def test_sample_points_reads_16_bit_maps_in_float32(align_corners: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     fmap = torch.randn(1, 4, 81, 81, generator=gen).bfloat16()
     coords = torch.randint(0, 321, (1, 100, 2), generator=gen)
-    got = sample_points(fmap, coords, 4)
+    got = sample_points(fmap, coords, 4, align_corners=align_corners, size=(321, 321))
     assert got.dtype == torch.float32
-    expected = _reference_upsampled(fmap.double(), coords, (321, 321), 4).float()
+    expected = _reference_upsampled(fmap.double(), coords, (321, 321), 4, align_corners).float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

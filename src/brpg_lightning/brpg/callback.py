@@ -307,7 +307,8 @@ class BRPGCallback(pl.Callback):
         if self.class_thresholds:
             # the class confidence is read on the upsampled logits (official: softmax of the input-size
             # prediction); sums over all ranks keep one threshold state on every rank
-            sums, counts = class_confidence_sums(ctx.labeled.logits, ctx.labels, ctx.labeled.stride, self.num_classes)
+            sums, counts = class_confidence_sums(ctx.labeled.logits, ctx.labels, ctx.labeled.stride, self.num_classes,
+                                                 align_corners=ctx.labeled.align_corners)
             dist.all_reduce_sum_(sums)
             dist.all_reduce_sum_(counts)
             self.thresholds = update_class_thresholds(self.thresholds.to(device), sums, counts, self.threshold_decay)
@@ -522,7 +523,10 @@ class BRPGCallback(pl.Callback):
             self.prototypes, self.proto_mask = self.prototypes.to(device), self.proto_mask.to(device)
         out_l = ctx.labeled
         b_l, (h, w) = ctx.labels.shape[0], ctx.labels.shape[-2:]
-        f_l = sample_grid(out_l.select(self.feature_source), h, w, self.grid, out_l.stride).flatten(0, 1)
+        # points read with the geometry the output carries (the same as its losses' upsampling)
+        f_l = sample_grid(
+            out_l.select(self.feature_source), h, w, self.grid, out_l.stride, align_corners=out_l.align_corners
+        ).flatten(0, 1)
         y_l = gather_points(ctx.labels, grid_points(b_l, h, w, self.grid, device=device)).flatten()
         if self.missing:
             self.init_late_classes(f_l, y_l, ctx.global_step)
@@ -540,7 +544,10 @@ class BRPGCallback(pl.Callback):
             cand = valid & (ctx.pseudo_confidence >= eta)
             out_u = ctx.unlabeled_student
             coords_u, ok = (pooled_random_points if self.M_u_pooled else random_points)(cand, self.M_u)
-            f_u = sample_points(out_u.select(self.feature_source), coords_u, out_u.stride).flatten(0, 1)
+            f_u = sample_points(
+                out_u.select(self.feature_source), coords_u, out_u.stride,
+                align_corners=out_u.align_corners, size=(h, w),
+            ).flatten(0, 1)
             # points short of M_u (few candidates) are ignored by label: no (N, D) row selection
             y_u = gather_points(ctx.pseudo_labels, coords_u).masked_fill(~ok, IGNORE_INDEX).flatten()
             sim_u = prototype_similarities(f_u, protos)

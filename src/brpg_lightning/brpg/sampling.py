@@ -1,7 +1,10 @@
 """Which features go into the banks (Sec. 3.4.1, Eq. 8-9) and which points enter ``L_pro`` (Eq. 17-18).
 
 Coordinates are integer crop pixels ``(y, x)`` at the input resolution ``H x W``; feature maps are at
-the decoder resolution ``(h, w) = (ceil(H / s), ceil(W / s))`` for stride ``s``.
+the decoder resolution ``(h, w) = (ceil(H / s), ceil(W / s))`` for stride ``s``. A crop pixel is read from
+a map with one of the two geometries of ``models.output.resize_to_input``, named by ``align_corners`` (the
+segmentor's output carries it): True (official code) reads map coordinate ``p (h - 1) / (H - 1)``, False
+``(p + 0.5) / s - 0.5`` (clamped to the map).
 """
 
 from __future__ import annotations
@@ -85,20 +88,37 @@ def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return out.squeeze(1).long()
 
 
-def grid_points(batch: int, height: int, width: int, grid: int = 32, device=None) -> Tensor:  # noqa: ANN001
-    """Grid sampling of labeled images (Eq. 17): ``grid x grid`` cell centres per image.
+def grid_positions(size: int, grid: int, device=None) -> Tensor:  # noqa: ANN001
+    """The ``grid`` crop positions of Eq. (17) along an axis of ``size`` pixels: ``i * ((size - 1) // grid)``.
 
-    ``y_i = floor((i + 0.5) * H / grid)``, ``x_j = floor((j + 0.5) * W / grid)`` for ``i, j < grid``,
-    row-major (``y`` outer). Returns ``(B, grid * grid, 2)`` long ``(y, x)`` crop coordinates, so
+    The paper fixes the count ("32 x 32 samples in each image") but not where; the official code takes
+    ``i * ((H - 1) // 32)`` for ``i < 32`` plus ``H - 1`` (33 x 33 points). Here the paper's count with the
+    official positions (without the extra last row and column): at 513, step 16, positions 0, 16, ..., 496;
+    at 769, step 24, positions 0, ..., 744. Needs ``size > grid`` (else every position would be 0).
+
+    Example:
+        >>> grid_positions(513, 32)[:3].tolist(), grid_positions(513, 32)[-1].item()
+        ([0, 16, 32], 496)
+    """
+    step = (size - 1) // grid
+    if step < 1:
+        raise ValueError(f"a grid of {grid} points needs more than {grid} pixels per side; got {size}")
+    return torch.arange(grid, device=device) * step
+
+
+def grid_points(batch: int, height: int, width: int, grid: int = 32, device=None) -> Tensor:  # noqa: ANN001
+    """Grid sampling of labeled images (Eq. 17): ``grid x grid`` points per image.
+
+    ``y_i = i * ((H - 1) // grid)``, ``x_j = j * ((W - 1) // grid)`` for ``i, j < grid``
+    (:func:`grid_positions`: the paper's count at the official code's positions, each axis with its own
+    size), row-major (``y`` outer). Returns ``(B, grid * grid, 2)`` long ``(y, x)`` crop coordinates, so
     ``M_l = grid ** 2`` (1024 for ``grid = 32``).
 
     Example:
-        >>> grid_points(1, 8, 8, grid=2).tolist()
-        [[[2, 2], [2, 6], [6, 2], [6, 6]]]
+        >>> grid_points(1, 9, 9, grid=2).tolist()
+        [[[0, 0], [0, 4], [4, 0], [4, 4]]]
     """
-    steps = torch.arange(grid, device=device)
-    ys = ((2 * steps + 1) * height) // (2 * grid)  # exact integer floor((i + 0.5) * H / grid)
-    xs = ((2 * steps + 1) * width) // (2 * grid)
+    ys, xs = grid_positions(height, grid, device), grid_positions(width, grid, device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     coords = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
     return coords.unsqueeze(0).expand(batch, -1, -1).contiguous()
@@ -144,15 +164,47 @@ SPARSE_DEVICES = frozenset({"cpu"})
 (forward and backward several times faster than ``grid_sample`` on the CPU); elsewhere ``grid_sample``."""
 
 
-def _bilinear_matrix(coords: Tensor, stride: int, b: int, h: int, w: int, dtype: torch.dtype) -> Tensor:
+def map_coordinates(
+    pix: Tensor, size_in: int | None, size_map: int, stride: int, align_corners: bool
+) -> Tensor:
+    """Float64 map coordinates at which crop pixels ``pix`` (one axis) are read, clamped to the map.
+
+    ``align_corners=True``: ``pix (size_map - 1) / (size_in - 1)`` (``F.interpolate(size=..., align_corners=
+    True)``; 0 for a one-pixel input); False: ``(pix + 0.5) / stride - 0.5`` (bilinear upsampling by
+    ``stride``), clamped to ``[0, size_map - 1]`` as ``grid_sample``'s ``border`` padding.
+
+    Example:
+        >>> p = torch.tensor([0, 1, 4, 512])
+        >>> map_coordinates(p, 513, 129, 4, align_corners=True).tolist()
+        [0.0, 0.25, 1.0, 128.0]
+        >>> map_coordinates(p, 513, 129, 4, align_corners=False).tolist()
+        [0.0, 0.0, 0.625, 127.625]
+    """
+    pos = pix.to(torch.float64)
+    if align_corners:
+        if size_in is None:
+            raise ValueError("align_corners=True reads need the input size (size=(H, W))")
+        pos = pos * ((size_map - 1) / (size_in - 1)) if size_in > 1 else torch.zeros_like(pos)
+    else:
+        pos = (pos + 0.5) / stride - 0.5
+    return pos.clamp(0, size_map - 1)
+
+
+def _sizes(size: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    return (None, None) if size is None else (int(size[0]), int(size[1]))
+
+
+def _bilinear_matrix(
+    coords: Tensor, stride: int, b: int, h: int, w: int, dtype: torch.dtype, align_corners: bool,
+    size: tuple[int, int] | None,
+) -> Tensor:
     """Sparse CSR ``(B*M, B*h*w)``: row ``(b, m)`` holds the 4 bilinear weights of point ``coords[b, m]``
-    on the pixels of image ``b`` of a ``(B, h, w)`` map, with ``grid_sample``'s geometry (map coordinate
-    ``(p + 0.5) / stride - 0.5`` clamped to the map: ``border`` padding, ``align_corners=False``)."""
+    on the pixels of image ``b`` of a ``(B, h, w)`` map, at the map coordinates of :func:`map_coordinates`."""
     device = coords.device
     m = coords.shape[1]
-    pos = coords.to(torch.float64)
-    y = ((pos[..., 0] + 0.5) / stride - 0.5).clamp(0, h - 1)
-    x = ((pos[..., 1] + 0.5) / stride - 0.5).clamp(0, w - 1)
+    size_h, size_w = _sizes(size)
+    y = map_coordinates(coords[..., 0], size_h, h, stride, align_corners)
+    x = map_coordinates(coords[..., 1], size_w, w, stride, align_corners)
     y0, x0 = y.floor().long(), x.floor().long()
     y1, x1 = (y0 + 1).clamp_max(h - 1), (x0 + 1).clamp_max(w - 1)
     fy, fx = y - y0, x - x0
@@ -165,69 +217,92 @@ def _bilinear_matrix(coords: Tensor, stride: int, b: int, h: int, w: int, dtype:
         return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (b * m, b * h * w))
 
 
-def sample_points(fmap: Tensor, coords: Tensor, stride: int) -> Tensor:
+def sample_points(
+    fmap: Tensor, coords: Tensor, stride: int, align_corners: bool = False, size: tuple[int, int] | None = None
+) -> Tensor:
     """Features at crop pixels, read bilinearly from the decoder-resolution map (Eq. 17-18 inputs).
 
-    Equals ``resize_to_input(fmap, (H, W), stride)[b, :, y, x]`` (bilinear upsampling by ``stride``,
-    ``align_corners=False``) up to float rounding, without materialising the ``(B, D, H, W)`` map:
-    ``F.grid_sample(align_corners=False, padding_mode="border")`` at the normalised positions
-    ``gx = (2x + 1) / (stride * w) - 1`` and ``gy = (2y + 1) / (stride * h) - 1``, i.e. at map
-    coordinates ``((y + 0.5) / stride - 0.5, (x + 0.5) / stride - 0.5)`` clamped to the map.
+    Equals ``resize_to_input(fmap, size, stride, align_corners=align_corners)[b, :, y, x]`` up to float
+    rounding, without materialising the ``(B, D, H, W)`` map: the map is read at the coordinates of
+    :func:`map_coordinates`, ``(y (h - 1) / (H - 1), x (w - 1) / (W - 1))`` with ``align_corners=True`` (the
+    official code's upsampling; ``size = (H, W)`` required), ``((y + 0.5) / stride - 0.5, (x + 0.5) / stride -
+    0.5)`` clamped to the map with False (``size`` not needed). Pass the geometry of the output the map
+    comes from (``SegmentorOutput.align_corners``).
 
-    On :data:`SPARSE_DEVICES` the same weights are applied as a sparse ``(B*M, B*h*w)`` matrix (4
-    entries a row) times the ``(B*h*w, D)`` pixels: ``grid_sample``'s CPU backward scatters point by
-    point and channel by channel and was the largest single cost of BRPG's prototype stage in the
-    default run (issue 8); the sparse product and its transpose are about 2.4x faster forward and
-    backward at 8 x 1000 points of 256 channels. Written by hand for that reason; the ``grid_sample``
-    path stays the reference (tests compare both).
+    On :data:`SPARSE_DEVICES` the weights are applied as a sparse ``(B*M, B*h*w)`` matrix (4 entries a row)
+    times the ``(B*h*w, D)`` pixels: ``grid_sample``'s CPU backward scatters point by point and channel by
+    channel and was the largest single cost of BRPG's prototype stage in the default run; the sparse
+    product and its transpose are about 2.4x faster forward and backward at 8 x 1000 points of 256
+    channels. Written by hand for that reason; the ``grid_sample`` path
+    (:func:`sample_points_grid_sample`) stays the reference (tests compare both).
 
     Args:
         fmap: ``(B, D, h, w)`` feature map (gradients flow back to it).
         coords: ``(B, M, 2)`` long ``(y, x)`` crop coordinates.
         stride: input pixels per map pixel.
+        align_corners: the geometry (see above).
+        size: the input size ``(H, W)`` the coordinates refer to (needed with ``align_corners=True``).
 
     Returns:
         ``(B, M, D)`` in ``fmap``'s dtype, float32 for a 16-bit map (read in float32).
 
     Example:
         >>> fmap = torch.arange(4.0).view(1, 1, 2, 2)
-        >>> sample_points(fmap, torch.tensor([[[0, 0], [3, 4], [7, 7]]]), stride=4).flatten().tolist()
+        >>> pts = torch.tensor([[[0, 0], [3, 4], [7, 7]]])
+        >>> sample_points(fmap, pts, stride=4).flatten().tolist()
         [0.0, 1.375, 3.0]
+        >>> pts = torch.tensor([[[0, 0], [3, 3], [6, 6]]])  # a 7 x 7 input: map coordinates p / 6
+        >>> sample_points(fmap, pts, stride=4, align_corners=True, size=(7, 7)).flatten().tolist()
+        [0.0, 1.5, 3.0]
     """
     if fmap.dtype in (torch.float16, torch.bfloat16):  # 16-bit grid coordinates would be off by ~0.5 px
         fmap = fmap.float()
     if fmap.device.type in SPARSE_DEVICES:
         b, d, h, w = fmap.shape
-        weights = _bilinear_matrix(coords, stride, b, h, w, fmap.dtype)
+        weights = _bilinear_matrix(coords, stride, b, h, w, fmap.dtype, align_corners, size)
         pixels = fmap.permute(0, 2, 3, 1).reshape(b * h * w, d)
         with torch.autocast(fmap.device.type, enabled=False):  # no 16-bit sparse matmul (CPU bf16 autocast)
             return (weights @ pixels).view(b, coords.shape[1], d)
-    return sample_points_grid_sample(fmap, coords, stride)
+    return sample_points_grid_sample(fmap, coords, stride, align_corners, size)
 
 
-def sample_points_grid_sample(fmap: Tensor, coords: Tensor, stride: int) -> Tensor:
-    """:func:`sample_points` by ``F.grid_sample`` (the path off :data:`SPARSE_DEVICES`, and the reference)."""
+def sample_points_grid_sample(
+    fmap: Tensor, coords: Tensor, stride: int, align_corners: bool = False, size: tuple[int, int] | None = None
+) -> Tensor:
+    """:func:`sample_points` by ``F.grid_sample`` (the path off :data:`SPARSE_DEVICES`, and the reference).
+
+    Normalised positions: ``g = 2 p / (H - 1) - 1`` with ``align_corners=True`` (``grid_sample`` then reads
+    ``(g + 1) / 2 (h - 1) = p (h - 1) / (H - 1)``), ``g = (2 p + 1) / (stride h) - 1`` with False.
+    """
     h, w = fmap.shape[-2:]
     if fmap.dtype in (torch.float16, torch.bfloat16):
         fmap = fmap.float()
     pos = coords.to(fmap.dtype)
-    gy = (2.0 * pos[..., 0] + 1.0) / (stride * h) - 1.0
-    gx = (2.0 * pos[..., 1] + 1.0) / (stride * w) - 1.0
+    if align_corners:
+        size_h, size_w = _sizes(size)
+        if size_h is None:
+            raise ValueError("align_corners=True reads need the input size (size=(H, W))")
+        gy = 2.0 * pos[..., 0] / max(size_h - 1, 1) - 1.0
+        gx = 2.0 * pos[..., 1] / max(size_w - 1, 1) - 1.0
+    else:
+        gy = (2.0 * pos[..., 0] + 1.0) / (stride * h) - 1.0
+        gx = (2.0 * pos[..., 1] + 1.0) / (stride * w) - 1.0
     grid = torch.stack([gx, gy], dim=-1).unsqueeze(2)  # (B, M, 1, 2), (x, y) order
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=align_corners)
     return out.squeeze(3).transpose(1, 2)  # (B, D, M, 1) -> (B, M, D)
 
 
-def _interp_matrix(n_out: int, size_in: int, size_map: int, stride: int, dtype: torch.dtype, device) -> Tensor:  # noqa: ANN001
+def _interp_matrix(
+    n_out: int, size_in: int, size_map: int, stride: int, dtype: torch.dtype, device, align_corners: bool  # noqa: ANN001
+) -> Tensor:
     """``(n_out, size_map)`` bilinear weights of the ``n_out`` grid positions of Eq. (17) along one axis.
 
-    Grid position ``i`` is the crop pixel ``p = floor((i + 0.5) * size_in / n_out)``, read at map
-    coordinate ``v = (p + 0.5) / stride - 0.5`` clamped to ``[0, size_map - 1]`` (``grid_sample``'s
-    ``border`` padding): weight ``1 - frac(v)`` on ``floor(v)`` and ``frac(v)`` on the next row.
+    Grid position ``i`` is the crop pixel ``p = i * ((size_in - 1) // n_out)`` (:func:`grid_positions`),
+    read at the map coordinate ``v`` of :func:`map_coordinates`: weight ``1 - frac(v)`` on ``floor(v)`` and
+    ``frac(v)`` on the next row.
     """
     steps = torch.arange(n_out, device=device)
-    pix = ((2 * steps + 1) * size_in) // (2 * n_out)
-    v = ((pix.to(torch.float64) + 0.5) / stride - 0.5).clamp(0, size_map - 1)
+    v = map_coordinates(grid_positions(size_in, n_out, device), size_in, size_map, stride, align_corners)
     lo = v.floor().long()
     hi = (lo + 1).clamp_max(size_map - 1)
     frac = v - lo
@@ -237,11 +312,14 @@ def _interp_matrix(n_out: int, size_in: int, size_map: int, stride: int, dtype: 
     return weights.to(dtype)
 
 
-def sample_grid(fmap: Tensor, height: int, width: int, grid: int, stride: int) -> Tensor:
-    """``sample_points(fmap, grid_points(B, height, width, grid), stride)`` by two small matrix products.
+def sample_grid(
+    fmap: Tensor, height: int, width: int, grid: int, stride: int, align_corners: bool = False
+) -> Tensor:
+    """``sample_points(fmap, grid_points(B, height, width, grid), stride, align_corners, (height, width))``
+    by two small matrix products.
 
-    Bilinear reading at the points of a regular grid is separable: ``out = W_y F W_x^T`` per image and
-    channel, with the ``(grid, h)`` and ``(grid, w)`` weight matrices of :func:`_interp_matrix`.
+    Bilinear reading at the points of a regular grid is separable in either geometry: ``out = W_y F W_x^T``
+    per image and channel, with the ``(grid, h)`` and ``(grid, w)`` weight matrices of :func:`_interp_matrix`.
     Forward and backward are then BLAS products instead of ``grid_sample`` and its CPU backward, a
     scatter over every point and channel (several times slower at BRPG's sizes: 8 x 1024 points of
     256 channels; ``benchmarks/bench_point_sampling.py``). Written by hand for that reason.
@@ -251,15 +329,15 @@ def sample_grid(fmap: Tensor, height: int, width: int, grid: int, stride: int) -
 
     Example:
         >>> fmap = torch.randn(2, 3, 5, 6)
-        >>> ref = sample_points(fmap, grid_points(2, 20, 24, 4), stride=4)
-        >>> torch.allclose(sample_grid(fmap, 20, 24, 4, stride=4), ref, atol=1e-6)
+        >>> ref = sample_points(fmap, grid_points(2, 20, 24, 4), stride=4, align_corners=True, size=(20, 24))
+        >>> torch.allclose(sample_grid(fmap, 20, 24, 4, stride=4, align_corners=True), ref, atol=1e-6)
         True
     """
     b, d, h, w = fmap.shape
     if fmap.dtype in (torch.float16, torch.bfloat16):
         fmap = fmap.float()
-    wy = _interp_matrix(grid, height, h, stride, fmap.dtype, fmap.device)
-    wx = _interp_matrix(grid, width, w, stride, fmap.dtype, fmap.device)
+    wy = _interp_matrix(grid, height, h, stride, fmap.dtype, fmap.device, align_corners)
+    wx = _interp_matrix(grid, width, w, stride, fmap.dtype, fmap.device, align_corners)
     pixels = fmap.permute(0, 2, 3, 1)  # (B, h, w, D): the result comes out contiguous as (B, grid*grid, D)
     rows = torch.matmul(wx, pixels)  # (B, h, grid, D): along x
     out = torch.matmul(wy, rows.reshape(b, h, grid * d))  # (B, grid, grid * D): along y

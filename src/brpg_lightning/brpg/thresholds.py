@@ -24,12 +24,12 @@ from brpg_lightning.models.output import as_probabilities, resize_to_input
 
 
 def class_confidence_sums(
-    logits: Tensor, labels: Tensor, stride: int, num_classes: int
+    logits: Tensor, labels: Tensor, stride: int, num_classes: int, align_corners: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Per-class sums and counts of the ground-truth class probability at the input resolution.
 
     ``logits (B, C, h, w)`` at the decoder resolution are upsampled to the size of ``labels (B, H, W)``
-    (:func:`~brpg_lightning.models.output.resize_to_input`), then softmaxed in float32. For every class
+    (:func:`~brpg_lightning.models.output.resize_to_input` with the segmentor's ``align_corners``), then softmaxed in float32. For every class
     ``c``: ``sums[c] = sum_i p_i[c]`` over the pixels ``i`` with ``labels_i = c`` and ``counts[c]`` their
     number; pixels labeled ``IGNORE_INDEX`` count nowhere. ``sums / counts`` is the class's mean
     confidence. One image is upsampled at a time, so no ``(B, C, H, W)`` map is held.
@@ -46,7 +46,7 @@ def class_confidence_sums(
     sums = torch.zeros(num_classes, device=logits.device)
     counts = torch.zeros(num_classes, device=logits.device)
     for lo, y in zip(logits.detach(), labels.to(logits.device), strict=True):
-        probs = as_probabilities(resize_to_input(lo.unsqueeze(0), size, stride))[0]  # (C, H, W)
+        probs = as_probabilities(resize_to_input(lo.unsqueeze(0), size, stride, align_corners=align_corners))[0]  # (C, H, W)
         keep = (y != IGNORE_INDEX) & (y >= 0) & (y < num_classes)
         y = y[keep]
         p_true = probs.permute(1, 2, 0)[keep].gather(1, y.unsqueeze(1)).squeeze(1)

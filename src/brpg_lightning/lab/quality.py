@@ -12,7 +12,6 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import mix_like
-from brpg_lightning.models.output import resize_to_input
 
 
 def quality_summary(all_: Tensor, kept: Tensor, class_names: list[str]) -> dict[str, float]:
@@ -106,7 +105,7 @@ class StudentValidation(pl.Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         masks = batch["mask"]
         out = pl_module.student(batch["image"])
-        preds = resize_to_input(out.logits, tuple(masks.shape[-2:]), out.stride).argmax(1)
+        preds = out.logits_at(tuple(masks.shape[-2:])).argmax(1)
         self.miou.to(masks.device).update(preds, masks)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

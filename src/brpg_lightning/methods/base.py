@@ -20,7 +20,7 @@ from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
 from brpg_lightning.methods.schedules import poly_lr_factor
 from brpg_lightning.models.inference import sliding_window_logits
-from brpg_lightning.models.output import SegmentorOutput, as_probabilities, resize_to_input
+from brpg_lightning.models.output import SegmentorOutput, as_probabilities
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear")
@@ -154,8 +154,8 @@ class SegmentationModule(pl.LightningModule):
                 callback.on_train_step_context(trainer, self, ctx)
 
     def supervised_loss(self, out: SegmentorOutput, labels: Tensor) -> Tensor:
-        """Eq. (2) (or OHEM) with logits upsampled from decoder to label resolution."""
-        logits = resize_to_input(out.logits, tuple(labels.shape[-2:]), out.stride)
+        """Eq. (2) (or OHEM) with logits upsampled from decoder to label resolution (the output's geometry)."""
+        logits = out.logits_at(tuple(labels.shape[-2:]))
         return self.sup_loss(logits, labels)
 
     def new_context(self, out_l: SegmentorOutput, labels: Tensor, network: str = "student") -> TrainStepContext:
@@ -176,7 +176,7 @@ class SegmentationModule(pl.LightningModule):
         ``probs (B, C, H, W)`` float32 softmax of the upsampled logits, ``conf (B, H, W)`` its maximum
         (0 where not ``valid``), ``pseudo (B, H, W)`` its argmax (``IGNORE_INDEX`` where not ``valid``).
         """
-        probs = as_probabilities(resize_to_input(out.logits.detach(), tuple(valid.shape[-2:]), out.stride))
+        probs = as_probabilities(out.upsample(out.logits.detach(), tuple(valid.shape[-2:])))
         return (probs, *SegmentationModule.pseudo_labels(probs, valid))
 
     @staticmethod
@@ -264,12 +264,10 @@ class SegmentationModule(pl.LightningModule):
         if protocol.get("mode") == "sliding":
 
             def window_logits(window: Tensor) -> Tensor:
-                out = self.eval_model(window)
-                return resize_to_input(out.logits, tuple(window.shape[-2:]), out.stride)
+                return self.eval_model(window).logits_at(tuple(window.shape[-2:]))
 
             return sliding_window_logits(window_logits, images, int(protocol["crop_size"]), protocol.get("stride"))
-        out = self.eval_model(images)
-        return resize_to_input(out.logits, size, out.stride)
+        return self.eval_model(images).logits_at(size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         masks = batch["mask"]
@@ -296,7 +294,10 @@ class SegmentationModule(pl.LightningModule):
         from brpg_lightning.checkpoint import inference_metadata
 
         prefix = next(name for name, m in self.named_modules() if m is self.eval_model)
-        checkpoint["inference"] = inference_metadata(run_config, self.class_names, f"{prefix}." if prefix else "")
+        geometry = getattr(self.student, "align_corners", None)  # the built network's, not the config's default
+        checkpoint["inference"] = inference_metadata(
+            run_config, self.class_names, f"{prefix}." if prefix else "", align_corners=geometry
+        )
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()

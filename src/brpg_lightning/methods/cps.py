@@ -12,7 +12,7 @@ from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.pseudo_label import masked_cross_entropy
-from brpg_lightning.models.output import SegmentorOutput, resize_to_input
+from brpg_lightning.models.output import SegmentorOutput
 
 EVAL_ON = ("net1", "mean")
 
@@ -26,7 +26,8 @@ class MeanLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> SegmentorOutput:
         a, b = self.net1(x), self.net2(x)
-        return SegmentorOutput((a.logits + b.logits) / 2, a.features, a.decoder, a.stride)
+        logits = (a.logits + b.logits) / 2
+        return SegmentorOutput(logits, a.features, a.decoder, a.stride, align_corners=a.align_corners)
 
 
 class CPS(SegmentationModule):
@@ -84,7 +85,7 @@ class CPS(SegmentationModule):
             ctx = self.new_context(out_l, y_l, name)
             ctx.unlabeled_teacher, ctx.unlabeled_student = out_w, out_u
             ctx.pseudo_labels, ctx.pseudo_confidence = pseudo, conf
-            logits_u = resize_to_input(out_u.logits, tuple(y_l.shape[-2:]), out_u.stride)
+            logits_u = out_u.logits_at(tuple(y_l.shape[-2:]))
             ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
             ctx.add_loss("L_cps", self.lambda_cps * masked_cross_entropy(logits_u, pseudo, torch.ones_like(u["valid"])))
             contexts.append(ctx)

@@ -12,7 +12,6 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
-from brpg_lightning.models.output import resize_to_input
 
 
 def fixmatch_loss(logits: Tensor, pseudo: Tensor, conf: Tensor, eta: float) -> Tensor:
@@ -64,7 +63,7 @@ class FixMatch(SegmentationModule):
         ctx = self.new_context(out_l, y_l)
         ctx.unlabeled_teacher, ctx.unlabeled_student = out_w, out_s
         ctx.pseudo_labels, ctx.pseudo_confidence = pseudo, conf
-        logits_s = resize_to_input(out_s.logits, tuple(y_l.shape[-2:]), out_s.stride)
+        logits_s = out_s.logits_at(tuple(y_l.shape[-2:]))
         ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
         ctx.add_loss("L_u", self.lambda_u * fixmatch_loss(logits_s, pseudo, conf, self.eta))
         self.log("train/unsup_kept", (conf >= self.eta).float().mean(), batch_size=x_l.shape[0])

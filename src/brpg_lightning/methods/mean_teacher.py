@@ -12,7 +12,7 @@ from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.ema import EMATeacher
 from brpg_lightning.methods.pseudo_label import drop_percent_schedule, masked_cross_entropy, unsup_filter_mask
-from brpg_lightning.models.output import SegmentorOutput, as_probabilities, resize_to_input
+from brpg_lightning.models.output import SegmentorOutput, as_probabilities
 
 TEACHER_FORWARDS = ("student_batch", "weak_only")
 """``method.teacher_forward`` options (see :class:`MeanTeacher`)."""
@@ -117,7 +117,7 @@ class MeanTeacher(SegmentationModule):
         """``(probs, valid)``: the eval-mode teacher's softmax on the weak view at ``size``, and the pixels that
         get a pseudo-label (the diagnostics lab overrides this with the true masks)."""
         valid = torch.ones_like(unlabeled["valid"]) if self.label_padding else unlabeled["valid"]
-        return as_probabilities(resize_to_input(out_t.logits, size, out_t.stride)), valid
+        return as_probabilities(out_t.logits_at(size)), valid
 
     def unsup_keep(self, filter_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The pixels L_u trains on: the method's filter (Eq. 4, Eq. 5 or the entropy percentile) over ``valid``."""
@@ -149,7 +149,7 @@ class MeanTeacher(SegmentationModule):
             x_all = torch.cat([x_l, x_s])
             if self._own_teacher_stats:  # the student's exact batch; sets BN statistics, feeds the filter
                 out_f = self._teacher_train_forward(x_all).split([x_l.shape[0], x_s.shape[0]])[1]
-                filter_probs = as_probabilities(resize_to_input(out_f.logits, size, out_f.stride))
+                filter_probs = as_probabilities(out_f.logits_at(size))
             else:
                 filter_probs = rest[0]
 
@@ -159,7 +159,7 @@ class MeanTeacher(SegmentationModule):
         ctx = self.new_context(out_l, y_l)
         ctx.unlabeled_teacher, ctx.unlabeled_student = out_t, out_u
         ctx.pseudo_labels, ctx.pseudo_confidence, ctx.unsup_keep, ctx.cutmix_boxes = pseudo, conf, keep, boxes
-        logits_u = resize_to_input(out_u.logits, size, out_u.stride)
+        logits_u = out_u.logits_at(size)
         loss_u = masked_cross_entropy(logits_u, pseudo, keep)
         if self.lu_norm == "official":  # U2PL multiplies the mean by B H W / M
             loss_u = loss_u * (keep.numel() / keep.sum().clamp_min(1))

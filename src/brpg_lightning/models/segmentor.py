@@ -154,12 +154,18 @@ class Segmentor(nn.Module):
         pad_multiple: inputs are zero-padded bottom/right to a multiple of this; default: the
             least common multiple of what the encoder requires (:func:`required_input_multiple`) and
             the decoder stride.
+        align_corners: the geometry of every read of its maps at input resolution (losses, pseudo-labels,
+            BRPG's points, evaluation, export), carried by each :class:`SegmentorOutput`: True (default) is
+            the official code's ``F.interpolate(..., size=(H, W), align_corners=True)``, False bilinear by
+            the exact stride (:func:`~brpg_lightning.models.output.resize_to_input`). Checkpoints written
+            before the option existed were trained with False and load with it.
         **arch_kwargs: passed to ``smp.create_model`` (``decoder_channels``, ``encoder_output_stride``,
             ``decoder_segmentation_channels``, ...).
 
     Attributes:
         stride: input pixels per decoder pixel (4 for DeepLabV3+ and SegFormer), measured at build.
         decoder_channels: channels of the decoder map, measured at build.
+        align_corners: the geometry its outputs carry (the argument).
     """
 
     def __init__(
@@ -175,6 +181,7 @@ class Segmentor(nn.Module):
         pad_multiple: int | None = None,
         weights_path: str | None = None,
         multi_grid: list[int] | tuple[int, ...] | None = None,
+        align_corners: bool = True,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -210,6 +217,7 @@ class Segmentor(nn.Module):
                 f"for {arch}/{encoder_name}"
             )
         self.pad_multiple: int = int(pad_multiple)
+        self.align_corners = bool(align_corners)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         hidden = head_channels or self.decoder_channels
@@ -221,7 +229,7 @@ class Segmentor(nn.Module):
 
         ``x`` is zero-padded bottom/right to a multiple of :attr:`pad_multiple`, and every map is
         cropped back to ``(ceil(H / stride), ceil(W / stride))``, so that
-        :func:`~brpg_lightning.models.output.resize_to_input` restores the un-padded geometry.
+        upsampling (:meth:`SegmentorOutput.logits_at`) reads the un-padded maps only.
         In eval mode the feature head runs only when ``features`` is first read (:meth:`_lazy_features`).
         """
         if x.ndim != 4:
@@ -237,7 +245,9 @@ class Segmentor(nn.Module):
             features = self.feature_head(decoded)[..., :h, :w]
         else:
             features = self._lazy_features(decoded, h, w)
-        return SegmentorOutput(logits[..., :h, :w], features, decoded[..., :h, :w], self.stride)
+        return SegmentorOutput(
+            logits[..., :h, :w], features, decoded[..., :h, :w], self.stride, align_corners=self.align_corners
+        )
 
     def _lazy_features(self, decoded: Tensor, h: int, w: int) -> Callable[[], Tensor]:
         """The eval-mode feature head, run on first access to ``SegmentorOutput.features``.
