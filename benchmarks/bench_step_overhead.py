@@ -73,7 +73,7 @@ def make_callback(stage: str, module: MeanTeacher, batch: dict) -> BRPGCallback:
         cb.T_S2 = 100
         for _ in range(2):
             with torch.no_grad():
-                cb.on_train_step_context(None, module, module.compute_step(batch))
+                cb.on_train_step_context(None, module, module.method_step(batch))
         cb.T_S2 = 3
         cb.cluster(None, module, 0)
         cb.eta_0 = cb.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
@@ -82,7 +82,7 @@ def make_callback(stage: str, module: MeanTeacher, batch: dict) -> BRPGCallback:
 
 
 def step(module: MeanTeacher, opt: torch.optim.Optimizer, batch: dict, cb: BRPGCallback | None) -> None:
-    ctx = module.compute_step(batch)
+    ctx = module.method_step(batch)
     if cb is not None:
         cb.on_train_step_context(None, module, ctx)
     ctx.total_loss().backward()

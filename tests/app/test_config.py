@@ -57,8 +57,12 @@ def test_paper_defaults_are_the_config_defaults(tmp_path: Path) -> None:
         0.999, 0.7, 0.9, []
     )
     assert (m.ema_decay, m.sup_only_epochs, m.lambda_u, m.unsup_filter, m.cutmix_p) == (
-        0.99, 1, 1.0, "entropy_percentile", 0.5
+        0.99, None, 1.0, "entropy_percentile", 0.5
     )
+    from brpg_lightning.methods.mean_teacher import MeanTeacher
+
+    assert MeanTeacher.default_sup_only_epochs == 1  # null: the method's own warm-up, U2PL's sup_only_epoch
+    assert (m.teacher_forward, m.lu_norm, m.label_padding) == ("student_batch", "paper", False)
     assert (o.name, o.lr, o.head_lr_mult, o.momentum, o.weight_decay, o.poly_power) == (
         "sgd", 0.001, 10.0, 0.9, 1e-4, 0.9
     )

@@ -75,7 +75,7 @@ def test_fixmatch_pseudo_labels_from_its_own_weak_view_and_thresholded_loss() ->
     Epoch(module, epoch=0)
     module.log = lambda *a, **k: None
     b = batch()
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
     x_l, u = b["labeled"]["image"], b["unlabeled"]
     with torch.no_grad():  # reference: the same network, same joint train-mode forward
         ref = module.student(torch.cat([x_l, u["image"]]))
@@ -91,7 +91,7 @@ def test_fixmatch_pseudo_labels_from_its_own_weak_view_and_thresholded_loss() ->
     expected = _reference_ce(logits_s, label, torch.ones_like(label, dtype=torch.bool)) / label.numel()
     assert torch.allclose(ctx.losses["L_u"].double(), expected, atol=1e-5)
     module.eta = 1.01  # nothing passes the threshold: no unsupervised signal
-    assert float(module.compute_step(b).losses["L_u"].detach()) == 0.0
+    assert float(module.method_step(b).losses["L_u"].detach()) == 0.0
 
 
 def make_cps(**kwargs) -> CPS:
@@ -103,7 +103,7 @@ def test_cps_networks_supervise_each_other_with_hard_labels() -> None:
     Epoch(module, epoch=0)
     b = batch()
     nets = [copy.deepcopy(module.student), copy.deepcopy(module.net2)]  # before the step moves BN statistics
-    ctx1, ctx2 = module.compute_step(b)
+    ctx1, ctx2 = module.method_step(b)
     assert (ctx1.network, ctx2.network) == ("net1", "net2")
     labels = []
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_fixmatch_step_unsupervised_loss_by_hand() -> None:
         probs = torch.softmax(F.interpolate(net(torch.cat([x_l, x_w])).logits[3:], (H, W), mode="bilinear", align_corners=True), 1)
     module.eta = float(probs.max(1).values.median())  # so that about half the pixels pass
     torch.manual_seed(7)
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
     torch.manual_seed(7)
     torch.rand(())  # the batch's coin
     boxes = [cutmix_box(H, W) for _ in range(3)]

@@ -67,7 +67,7 @@ def test_oracle_without_hidden_masks_is_refused() -> None:
     Epoch(module, epoch=1)
     module.log = lambda *a, **k: None
     with pytest.raises(BRPGInputError, match="oracle_mask_dir"):
-        module.compute_step(batch())
+        module.method_step(batch())
 
 
 def test_oracle_pseudo_labels_are_the_true_masks() -> None:
@@ -79,7 +79,7 @@ def test_oracle_pseudo_labels_are_the_true_masks() -> None:
     true[0, :4] = IGNORE_INDEX  # padding of the weak view
     b["unlabeled"]["mask"] = true
     b["unlabeled"]["valid"] = true != IGNORE_INDEX
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
     assert torch.equal(ctx.pseudo_labels, true)
     assert torch.equal(ctx.pseudo_confidence, (true != IGNORE_INDEX).float())
     assert torch.equal(ctx.unsup_keep, true != IGNORE_INDEX)  # every valid pixel kept

@@ -59,7 +59,7 @@ class Epoch:
 def test_supervised_only_epochs_then_exact_copy() -> None:
     module = make_module(teacher_forward="weak_only")  # the copy takes BN buffers too
     Epoch(module, epoch=0)
-    ctx = module.compute_step(batch())
+    ctx = module.method_step(batch())
     assert set(ctx.losses) == {"L_s"} and not ctx.has_unlabeled and not bool(module.teacher_ready)
     assert module.eval_model is module.student
 
@@ -69,7 +69,7 @@ def test_supervised_only_epochs_then_exact_copy() -> None:
     Epoch(module, epoch=1)
     module.log = lambda *a, **k: None
     before = {k: v.clone() for k, v in module.student.state_dict().items()}  # the step's forward moves BN stats
-    ctx = module.compute_step(batch())
+    ctx = module.method_step(batch())
     assert set(ctx.losses) == {"L_s", "L_u"} and ctx.has_unlabeled
     assert module.eval_model is module.teacher.module
     teacher_state = module.teacher.module.state_dict()
@@ -103,7 +103,7 @@ def test_pseudo_labels_come_from_the_teacher_weak_view() -> None:
     Epoch(module, epoch=1)
     module.log = lambda *a, **k: None
     b = batch()
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
     with torch.no_grad():
         module.teacher.eval()
         out = module.teacher(b["unlabeled"]["image"])
@@ -121,7 +121,7 @@ def test_teacher_keeps_its_own_bn_statistics_from_the_student_batch() -> None:
     reference = copy.deepcopy(module.teacher.module)
 
     Epoch(module, epoch=0)  # warm-up: the teacher forwards the labeled images in train mode
-    module.compute_step(b)
+    module.method_step(b)
     reference.train()
     with torch.no_grad():
         reference(x_l)
@@ -139,7 +139,7 @@ def test_teacher_keeps_its_own_bn_statistics_from_the_student_batch() -> None:
     module.log = lambda *a, **k: None
     student_params = {k: v.clone() for k, v in module.student.named_parameters()}
     teacher_stats = bn_buffers(module.teacher.module)
-    module.compute_step(b)
+    module.method_step(b)
     # parameters copied from the student, statistics: its own, then one train forward on the student's batch
     for name, value in module.teacher.module.named_parameters():
         assert torch.equal(value, student_params[name]), name
@@ -181,7 +181,7 @@ def test_mean_teacher_unsupervised_loss_by_hand(lu_norm: str) -> None:
     teacher, student = copy.deepcopy(module.teacher.module), copy.deepcopy(module.student)
 
     torch.manual_seed(123)
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
 
     torch.manual_seed(123)  # the same draws: the coin, then one box per image
     torch.rand(())
@@ -231,7 +231,7 @@ def test_weak_only_filter_reads_the_weak_view() -> None:
         conf, pseudo = torch.softmax(upsample(teacher(b["unlabeled"]["image"]).logits), 1).max(1)
         logits_u = upsample(student(torch.cat([b["labeled"]["image"], b["unlabeled"]["image_strong"]])).logits[2:])
     module.eta = float(conf.median())  # keeps about half of the pixels
-    ctx = module.compute_step(b)
+    ctx = module.method_step(b)
     keep = conf >= module.eta
     assert 0 < int(keep.sum()) < keep.numel()
     ce = F.cross_entropy(logits_u, pseudo.masked_fill(~keep, 255), ignore_index=255, reduction="sum")

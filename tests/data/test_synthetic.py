@@ -41,9 +41,11 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     a = generate_synthetic(tmp_path / "a", seed=3, split="16", **SMALL)
     b = generate_synthetic(tmp_path / "b", seed=3, split="16", **SMALL)
     ha, hb = _hashes(a), _hashes(b)
-    # labeled images+masks, unlabeled images (+ their masks in the hidden .oracle/ folder), val images+masks, marker
-    assert len(ha) == 16 * 2 + 4 + 4 + 6 * 2 + 1
+    # labeled images+masks, unlabeled images, val images+masks, marker (hidden masks only when asked)
+    assert len(ha) == 16 * 2 + 4 + 6 * 2 + 1
     assert ha == hb
+    c = _hashes(generate_synthetic(tmp_path / "c", seed=3, split="16", **SMALL, oracle_masks=True))
+    assert len(c) == len(ha) + 4 and all(c[k] == v for k, v in ha.items())  # + the 4 unlabeled images' masks
 
 
 def test_different_seed_gives_different_images(tmp_path: Path) -> None:
