@@ -1,4 +1,4 @@
-"""Issue 8 diagnostics: the hidden unlabeled masks never reach a normal run; oracle, teacher-BN and PL quality."""
+"""Semi-supervised diagnostics: the hidden unlabeled masks never reach a normal run; oracle, teacher-BN and PL quality."""
 
 from __future__ import annotations
 
