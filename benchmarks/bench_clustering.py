@@ -2,7 +2,8 @@
 
 The official implementation clusters each (class, bank) with scikit-learn's ``MiniBatchKMeans``
 one group after the other; faiss (``faiss.Kmeans``) is the library the field uses at this scale and what
-``brpg.clustering.kmeans`` now wraps (issue 8 replaced a hand-written batched K-Means by it). All
+``brpg.clustering.kmeans`` now wraps (it replaced a hand-written batched K-Means that was slower on bank-like
+data; see ``brpg/clustering.py``). All
 cluster the SAME data in the same run, two data sets: ``blobs`` (below) and ``bank-like`` (7 classes x 2
 banks partly filled as at ``T_S2`` in the default run, ReLU features of weakly separated centres: no
 clear cluster structure, the regime of real banks). For ``blobs``: ``2 banks x C classes`` groups of ``V`` 256-d features with a

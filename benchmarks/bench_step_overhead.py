@@ -6,8 +6,8 @@ with the preset's grid 16 and M_u 256),
 stepped through the real module and callback hooks: ``training_step`` (the method's forwards and losses,
 ``publish_step_context`` -> ``BRPGCallback.on_train_step_context``, ``total_loss``), backward, the
 optimiser step, ``on_train_batch_end`` (teacher EMA). ``self.log`` is a no-op here (no Trainer loop);
-the real run's logging is measured by ``benchmarks/epoch_times.py``. Target (issue 8): prototype stage
-<= 1.10x of mean teacher.
+the real run's logging is measured by ``benchmarks/epoch_times.py``. Target: prototype stage <= 1.10x of
+mean teacher, so that BRPG stays a small addition to the method it plugs into.
 
 Case 2, ``321 crop``: CPU scale of the paper's setting (ResNet-18, 256-d features, crop 321, batch 2+2).
 One full training step = mean-teacher forward passes and losses, the BRPG callback (when on), backward,
@@ -17,7 +17,7 @@ process on the same model and data, and compared by median step time:
 - sampling stage: BRPG selects/caps/pushes features into 2 x C banks of V=30000 (float16) each step;
 - prototype stage: BRPG adds L_pro (grid 32x32 + 1000 random points per image) and updates prototypes.
 
-Targets (issue): sampling <= 1.10x, prototype stage <= 1.05x of mean teacher alone.
+Targets, for the same reason: sampling <= 1.10x, prototype stage <= 1.05x of mean teacher alone.
 """
 
 from __future__ import annotations

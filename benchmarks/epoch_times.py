@@ -1,4 +1,5 @@
-"""Per-epoch wall time of a real training run, by BRPG stage (issue 8, item 6).
+"""Per-epoch wall time of a real training run, by BRPG stage: what each stage costs with the Trainer's own
+overheads (logging, loaders), which the step benchmarks leave out.
 
 A Lightning callback that times every training epoch (``on_train_epoch_start`` to
 ``on_train_epoch_end``: the training steps and their hooks, validation excluded) and writes one line

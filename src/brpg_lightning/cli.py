@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.errors import input_error_in
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143
@@ -30,9 +30,7 @@ def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
             print("error: pre-empted (SIGTERM); see the log for the checkpoint to resume from", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is (caused by) bad input
-            cause: BaseException | None = exc
-            while cause is not None and not isinstance(cause, BRPGInputError):
-                cause = cause.__cause__ or cause.__context__
+            cause = input_error_in(exc)
             if cause is None:
                 raise
             print(f"error: {cause}", file=sys.stderr)

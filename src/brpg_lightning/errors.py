@@ -10,3 +10,27 @@ class BRPGInputError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def input_error_in(exc: BaseException) -> BRPGInputError | None:
+    """The :class:`BRPGInputError` that is ``exc`` or caused it, following ``__cause__`` (or, when there is
+    none, ``__context__``); ``None`` if the chain holds none. Hydra's instantiation and OmegaConf's
+    interpolation wrap the errors they meet, so the one-line message sits somewhere down the chain.
+
+    >>> try:
+    ...     try:
+    ...         raise BRPGInputError("split is not set")
+    ...     except BRPGInputError as err:
+    ...         raise RuntimeError("Error in call to target") from err
+    ... except RuntimeError as wrapped:
+    ...     print(input_error_in(wrapped))
+    split is not set
+    >>> input_error_in(KeyError("x")) is None
+    True
+    """
+    cause: BaseException | None = exc
+    seen: set[int] = set()  # a hand-made cycle in the chain must not loop forever
+    while cause is not None and not isinstance(cause, BRPGInputError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return cause if isinstance(cause, BRPGInputError) else None

@@ -1,7 +1,7 @@
 """``python -m brpg_lightning.predict ckpt_path=FILE input=IMAGE_OR_FOLDER output=FOLDER``: masks for new images.
 
 Runs the checkpoint's evaluated network (the teacher for mean teacher) on every image under ``input``
-(recursively; ``.png .jpg .jpeg .bmp .tif .tiff .webp``) and writes, mirroring the input's sub-folders:
+(recursively; ``.png .jpg .jpeg .bmp .tif .tiff .webp``, hidden files and folders left out) and writes, mirroring the input's sub-folders:
 
 * ``<output>/masks/<name>.png``: class ids (8-bit grey), the format the dataset readers take as masks;
 * ``<output>/color/<name>.png``: the same ids as a palette PNG coloured with the checkpoint's palette;
@@ -34,13 +34,13 @@ from torch import Tensor, nn
 from brpg_lightning.checkpoint import load_for_inference, normalize
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
+from brpg_lightning.data.datasets.common import IMAGE_SUFFIXES, files_in
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import sliding_window_logits
 
 register_resolvers()
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_KINDS = ("masks", "color", "overlay")
 DEFAULT_WINDOW = 1024
 """Window side when the checkpoint's protocol is not a sliding window: larger images go window by window."""
@@ -54,10 +54,7 @@ def list_images(path: str | Path, exclude: Path | None = None) -> list[Path]:
     if not path.is_dir():
         raise BRPGInputError(f"input={path}: no such file or folder")
     skip = exclude.resolve() if exclude is not None else None
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not (skip and p.resolve().is_relative_to(skip))
-    )
+    files = [p for p in files_in(path, recursive=True) if not (skip and p.resolve().is_relative_to(skip))]
     if not files:
         raise BRPGInputError(f"input={path}: no images found (looked for {' '.join(IMAGE_SUFFIXES)})")
     return files

@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.errors import BRPGInputError, input_error_in
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,7 @@ def build(node: Any, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, BRPGInputError):
-            cause = cause.__cause__ or cause.__context__
+        cause = input_error_in(exc)
         if cause is not None:
             raise cause from None
         raise

@@ -1,6 +1,6 @@
 """DDP end to end: ``python -m brpg_lightning trainer=ddp_cpu`` (2 gloo processes on the CPU).
 
-Every rank dumps its BRPG state (``callbacks.ddp_check.RankStateDump``); the banks after sampling, the
+Every rank dumps its BRPG state (``tests/app/ddp_check.py: RankStateDump``); the banks after sampling, the
 prototypes right after clustering and after the EMA updates, the weights and the validation mIoU must be
 identical on both ranks. One run writes one run directory (the Hydra + DDP trap).
 """
@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""On the spawned processes' ``PYTHONPATH``: they import the test-only ``tests.app.ddp_check``."""
 
 
 def _load(path: Path) -> dict:
@@ -37,10 +40,11 @@ def _assert_equal(a, b, where: str) -> None:  # noqa: ANN001
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> None:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     args = [
         *TINY, "trainer=ddp_cpu", f"dataset.root={tmp_path / 'data'}",
-        "+callbacks.rank_state._target_=brpg_lightning.callbacks.ddp_check.RankStateDump",
+        "+callbacks.rank_state._target_=tests.app.ddp_check.RankStateDump",
         "+callbacks.rank_state.dirpath=${paths.output_dir}/ranks",
     ]
     proc = subprocess.run([sys.executable, "-m", "brpg_lightning", *args], cwd=tmp_path, env=env,

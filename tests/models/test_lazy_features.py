@@ -1,4 +1,4 @@
-"""Eval-mode feature head on first read (issue 8, item 6): same tensor, skipped when nothing reads it."""
+"""Eval-mode feature head on first read: same tensor, skipped when nothing reads it (only logits needed)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ per-group number of centres (APO may add one, Eq. 12). Each group's valid points
 iterations) on every point of the group, in float32 on the CPU (``faiss-cpu``; banks on a GPU are
 copied to the host one group at a time).
 
-Why faiss (issue 8): ``python -m benchmarks --only clustering`` (under the shared lock, 2 CPU cores)
+Why faiss: ``python -m benchmarks --only clustering`` (under the shared lock, 2 CPU cores)
 compares it with the batched hand-written K-Means this module held before and with scikit-learn's
 ``MiniBatchKMeans`` (the official implementation's), on the same data, same iterations, restarts and
 ``k`` (locked, 1 thread). On the benchmark's bank-like set (14 partly filled banks, weakly separated

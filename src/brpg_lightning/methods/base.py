@@ -45,14 +45,6 @@ def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, refe
 
 
 class SegmentationModule(pl.LightningModule):
-    uses_unlabeled: bool = True
-    """Whether the datamodule must load unlabeled images for this method."""
-    default_sup_only_epochs: int = 0
-    """Labeled-only warm-up epochs when the config leaves ``sup_only_epochs`` null (mean teacher: U2PL's 1)."""
-    networks: tuple[str, ...] = ("student",)
-    """Names of the trained networks; ``train.build_module`` builds one segmentor per name (the first is
-    ``segmentor``, the others ``segmentor2``, ...) and ``train.build_callbacks`` one BRPG callback per name."""
-
     """Base LightningModule of all methods (SupOnly, mean teacher, later FixMatch/CPS).
 
     Args:
@@ -66,6 +58,14 @@ class SegmentationModule(pl.LightningModule):
             None: the method's ``default_sup_only_epochs``.
         run_config: the resolved run configuration, stored in checkpoints so ``evaluate`` can rebuild the run.
     """
+
+    uses_unlabeled: bool = True
+    """Whether the datamodule must load unlabeled images for this method."""
+    default_sup_only_epochs: int = 0
+    """Labeled-only warm-up epochs when the config leaves ``sup_only_epochs`` null (mean teacher: U2PL's 1)."""
+    networks: tuple[str, ...] = ("student",)
+    """Names of the trained networks; ``train.build_module`` builds one segmentor per name (the first is
+    ``segmentor``, the others ``segmentor2``, ...) and ``train.build_callbacks`` one BRPG callback per name."""
 
     def __init__(
         self,

@@ -22,8 +22,6 @@ LU_NORMS = ("paper", "official")
 
 
 class MeanTeacher(SegmentationModule):
-    default_sup_only_epochs = 1
-
     """L = L_s + lambda_u L_u (Eq. 7); the teacher is an EMA of the student.
 
     The first ``sup_only_epochs`` epochs train the student on labeled data only; at the first step after
@@ -60,6 +58,8 @@ class MeanTeacher(SegmentationModule):
             does); default False: padded pixels are not image content, so they carry no pseudo-label.
         **kwargs: :class:`SegmentationModule` arguments.
     """
+
+    default_sup_only_epochs = 1
 
     def __init__(
         self,

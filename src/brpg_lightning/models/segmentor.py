@@ -256,7 +256,8 @@ class Segmentor(nn.Module):
         off), so running it later gives the same tensor, as long as the parameters have not changed
         (read it within the training step, before the optimiser step or EMA update). It runs in eval
         mode and in the grad mode of the forward. Mean teacher's teacher forward and validation read
-        only logits outside BRPG's sampling stage, so this skips the head there (issue 8, item 6).
+        only logits outside BRPG's sampling stage, so this skips the head there instead of computing
+        features that nothing reads.
         In train mode the head runs in ``forward``: its BatchNorm statistics follow every batch.
         """
         grad = torch.is_grad_enabled()

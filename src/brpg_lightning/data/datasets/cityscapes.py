@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.data.datasets.common import Sample
-from brpg_lightning.data.datasets.layout import Layout, files_in
+from brpg_lightning.data.datasets.common import Sample, files_in
+from brpg_lightning.data.datasets.layout import Layout
 from brpg_lightning.errors import BRPGInputError
 
 CITYSCAPES_CLASSES: tuple[str, ...] = (

@@ -11,8 +11,8 @@ every ``train2017`` image that ``labeled.txt`` does not name is unlabeled.
 
 from __future__ import annotations
 
-from brpg_lightning.data.datasets.common import Sample
-from brpg_lightning.data.datasets.layout import Layout, files_in, names_in
+from brpg_lightning.data.datasets.common import Sample, files_in, names_in
+from brpg_lightning.data.datasets.layout import Layout
 from brpg_lightning.errors import BRPGInputError
 
 COCO_CLASSES: tuple[str, ...] = (

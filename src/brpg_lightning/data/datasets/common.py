@@ -9,6 +9,7 @@ rest with grey and warns on stderr), so a JPEG without its end-of-image marker i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ from brpg_lightning.errors import BRPGInputError
 
 cv2.setNumThreads(0)  # decoding runs inside DataLoader workers: no nested OpenCV thread pools
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""Image files every lister takes (any case): formats both OpenCV (:func:`read_image`) and PIL
+(:func:`image_size`) decode."""
 MASK_MODES: tuple[str, ...] = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 SHOWN = 5
 """How many examples a message lists (missing files, unmatched names)."""
@@ -62,6 +65,51 @@ def shown(items: Sequence[Any], n: int = SHOWN) -> str:
     return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def names_in(
+    folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, *, recursive: bool = False
+) -> list[str]:
+    """Names of the files with one of ``suffixes`` (any case) in ``folder``, sorted; [] if it is absent.
+
+    Hidden files (and, with ``recursive``, hidden folders) are left out: ``.DS_Store``, macOS ``._x.jpg``
+    resource forks and the synthetic set's ``.oracle/`` masks are not images of the set. With ``recursive``,
+    names are relative POSIX paths (``sub/x.png``), sorted folder by folder as :class:`~pathlib.Path` sorts;
+    symlinked folders are not entered. Plain strings: COCO's 118k names take ~0.1 s this way, ``pathlib``
+    objects ~20x longer.
+
+    >>> names_in("/no/such/folder")
+    []
+    """
+    names: list[str] = []
+    pending = [("", os.fspath(folder))]
+    while pending:
+        prefix, current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if recursive and e.is_dir(follow_symlinks=False):
+                        pending.append((f"{prefix}{e.name}/", e.path))
+                    elif "." in e.name and e.name[e.name.rfind("."):].lower() in suffixes and e.is_file():
+                        names.append(prefix + e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            if not prefix:
+                return []
+        except PermissionError:
+            if not prefix:
+                raise
+            # an unreadable sub-folder is passed over, as pathlib's rglob does
+    return sorted(names, key=lambda n: n.split("/")) if recursive else sorted(names)
+
+
+def files_in(
+    folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, *, recursive: bool = False
+) -> list[Path]:
+    """:func:`names_in` as paths (``folder / name``)."""
+    folder = Path(folder)
+    return [folder / name for name in names_in(folder, suffixes, recursive=recursive)]
+
+
 def check_mask_values(mask: np.ndarray, num_classes: int, path: str | Path) -> None:
     """Raise when ``mask`` holds a value outside ``[0, num_classes)`` that is not ``IGNORE_INDEX`` (255).
 
@@ -93,7 +141,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataItemError(f"image '{path}' is a truncated JPEG (no end-of-image marker); re-extract or remove it")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
     if image is None:
-        raise DataItemError(f"image '{path}' cannot be decoded; expected a PNG or JPEG image")
+        raise DataItemError(f"image '{path}' cannot be decoded; expected an image file ({' '.join(IMAGE_SUFFIXES)})")
     return image
 
 

@@ -2,9 +2,12 @@
 
 ::
 
-    <root>/labeled/images/<name>.{png,jpg,jpeg}     <root>/labeled/masks/<name>.png   (class ids, 255 = ignore)
-    <root>/unlabeled/images/<name>.{png,jpg,jpeg}   (no masks)
-    <root>/val/images/<name>.{png,jpg,jpeg}         <root>/val/masks/<name>.png
+    <root>/labeled/images/<name>.<ext>     <root>/labeled/masks/<name>.png   (class ids, 255 = ignore)
+    <root>/unlabeled/images/<name>.<ext>   (no masks)
+    <root>/val/images/<name>.<ext>         <root>/val/masks/<name>.png
+
+Images are the non-hidden files with one of ``common.IMAGE_SUFFIXES`` (png, jpg, jpeg, bmp, tif, tiff, webp;
+any case) directly in each ``images`` folder (``common.files_in``).
 
 Matching rule: an image and its mask share the file stem (``cat_01.jpg`` <-> ``cat_01.png``); masks are
 always PNG. Every labeled/val image needs its mask and every mask its image: the error lists the unmatched
@@ -23,44 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from brpg_lightning.data.datasets.common import (
-    IMAGE_EXTENSIONS,
+    IMAGE_SUFFIXES,
     PairDataset,
     Sample,
     Transform,
     check_mask_values,
-    read_image,
-    read_mask,
+    files_in,
     shown,
 )
 from brpg_lightning.errors import BRPGInputError
 
-__all__ = [
-    "EXPECTED_LAYOUT", "FolderDataset", "IMAGE_EXTENSIONS", "SUBSETS", "check_mask_values", "list_images",
-    "load_image", "load_mask", "read_classes_file",
-]
+__all__ = ["EXPECTED_LAYOUT", "FolderDataset", "SUBSETS", "check_mask_values", "read_classes_file"]
 
 SUBSETS: tuple[str, ...] = ("labeled", "unlabeled", "val")
 EXPECTED_LAYOUT = (
     "<root>/labeled/images, <root>/labeled/masks, <root>/unlabeled/images, <root>/val/images, <root>/val/masks"
 )
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files (``.png/.jpg/.jpeg``, any case, not hidden) directly in ``folder``, sorted by name."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def load_image(path: Path) -> np.ndarray:
-    """RGB image as a ``(H, W, 3)`` uint8 array (OpenCV decoding; see ``common.read_image``)."""
-    return read_image(path)
-
-
-def load_mask(path: Path, num_classes: int) -> np.ndarray:
-    """Single-channel class-id mask as ``(H, W)`` uint8 (values checked; see ``common.read_mask``)."""
-    return read_mask(path, num_classes)
 
 
 def read_classes_file(path: str | Path) -> tuple[list[str], np.ndarray | None]:
@@ -151,7 +132,7 @@ class FolderDataset(PairDataset):
             raise BRPGInputError(
                 f"missing folder '{mask_dir}' (masks of '{image_dir}'); expected the layout {EXPECTED_LAYOUT}"
             )
-        mask_files = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+        mask_files = {p.stem: p for p in files_in(mask_dir, (".png",))}
         if images and not mask_files:
             raise BRPGInputError(f"folder '{mask_dir}' holds no .png masks; expected one <name>.png per image")
         unmatched = [p for p in images if p.stem not in mask_files]
@@ -175,9 +156,9 @@ class FolderDataset(PairDataset):
     def _list_required(self, image_dir: Path, allow_empty: bool) -> list[Path]:
         if not image_dir.is_dir():
             raise BRPGInputError(f"missing folder '{image_dir}'; expected the layout {EXPECTED_LAYOUT}")
-        images = list_images(image_dir)
+        images = files_in(image_dir)
         if not images and not allow_empty:
             raise BRPGInputError(
-                f"folder '{image_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); expected at least one"
+                f"folder '{image_dir}' holds no images ({', '.join(IMAGE_SUFFIXES)}); expected at least one"
             )
         return images

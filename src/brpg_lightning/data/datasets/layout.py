@@ -14,12 +14,11 @@ writes it). Subclasses: ``pascal.PascalLayout``, ``cityscapes.CityscapesLayout``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from brpg_lightning.data.datasets.common import IMAGE_EXTENSIONS, Sample
+from brpg_lightning.data.datasets.common import Sample, files_in
 from brpg_lightning.errors import BRPGInputError
 
 
@@ -78,25 +77,6 @@ class Layout:
 
     def rel(self, path: Path | str) -> str:
         return Path(path).relative_to(self.root).as_posix()
-
-
-def names_in(folder: Path, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """Names of the non-hidden files with one of ``suffixes`` (any case) directly in ``folder``, sorted; []
-    if absent. Plain strings: COCO's 118k names take ~0.1 s this way, ``pathlib`` objects ~20x longer."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(
-                e.name for e in entries
-                if not e.name.startswith(".") and e.name[e.name.rfind("."):].lower() in suffixes and "." in e.name
-                and e.is_file()
-            )
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def files_in(folder: Path, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """:func:`names_in` as paths."""
-    return [folder / name for name in names_in(folder, suffixes)]
 
 
 class FolderSplitLayout(Layout):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from brpg_lightning.data.datasets.common import Sample
-from brpg_lightning.data.datasets.layout import Layout, files_in
+from brpg_lightning.data.datasets.common import Sample, files_in
+from brpg_lightning.data.datasets.layout import Layout
 from brpg_lightning.errors import BRPGInputError
 
 PASCAL_CLASSES: tuple[str, ...] = (

@@ -1,7 +1,8 @@
 """Dump every rank's BRPG state (banks, prototypes, thresholds) so a test can compare ranks.
 
-Used by ``tests/app/test_ddp.py`` through ``+callbacks.rank_state._target_=...``; costs a ``torch.save`` per
-dump, so it is not in the default callbacks.
+Test-only: ``tests/app/test_ddp.py`` attaches it to the spawned ``python -m brpg_lightning`` through
+``+callbacks.rank_state._target_=tests.app.ddp_check.RankStateDump``, with the repository root on the
+child's ``PYTHONPATH`` so that ``tests`` is importable there. It costs a ``torch.save`` per dump.
 """
 
 from __future__ import annotations
