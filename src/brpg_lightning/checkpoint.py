@@ -5,14 +5,17 @@ Every checkpoint written by a method (``methods.base.SegmentationModule.on_save_
 
     {"version": 1, "class_names": [...], "palette": [[r, g, b], ...], "normalization": {"mean", "std"},
      "model": {...the run's resolved model config...}, "eval_prefix": "teacher.module.",
-     "align_corners": true, "ignore_index": 255, "protocol": {"val_mode", "val_crop_size", "crop_size"},
-     "package_version": "..."}
+     "align_corners": true, "ignore_index": 255, "eval_protocol": {"mode", "crop_size", "stride"},
+     "protocol": {"val_mode", "val_crop_size", "crop_size"}, "package_version": "..."}
 
 so that ``python -m brpg_lightning.predict`` and ``python -m brpg_lightning.export`` rebuild the evaluated
 network (the teacher for mean teacher) and colour its output with no dataset on disk. ``align_corners`` is the
 geometry the logits were upsampled with in training (``models.output.resize_to_input``); predict, export and
 ``evaluate`` rebuild the network with it, and a checkpoint written before it was stored reads as False, the
-geometry it was trained with (:func:`stored_align_corners`).
+geometry it was trained with (:func:`stored_align_corners`). ``eval_protocol`` is the module's
+``models.inference.EvalProtocol`` as a plain dict (with its stride); ``evaluate`` evaluates with it and ``predict``
+takes its sliding window from it. A checkpoint written before it was stored derives it from the older keys
+(:func:`stored_eval_protocol`); ``protocol`` stays for the readers of those versions.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
 INFERENCE_VERSION = 1
 """Version of the ``inference`` block; a reader refuses any other."""
@@ -95,13 +99,33 @@ def stored_align_corners(ckpt: Mapping[str, Any]) -> bool:
     return LEGACY_ALIGN_CORNERS
 
 
+def stored_eval_protocol(ckpt: Mapping[str, Any]) -> EvalProtocol:
+    """The protocol a checkpoint's network was evaluated with: the ``inference`` block's ``eval_protocol``;
+    else (written before it was stored) the run config's ``dataset.val_mode``/``val_crop_size``/``val_stride``,
+    what ``evaluate`` read then, with the older block's ``protocol`` keys for a run config without them
+    (a mode left unset is the whole image, as the datamodule's default)."""
+    meta = ckpt.get("inference") or {}
+    if meta.get("eval_protocol") is not None:
+        return EvalProtocol.from_dict(meta["eval_protocol"])
+    dataset = dict(((ckpt.get("hyper_parameters") or {}).get("run_config") or {}).get("dataset") or {})
+    old = meta.get("protocol") or {}
+    mode = dataset.get("val_mode", old.get("val_mode"))
+    return EvalProtocol.from_dataset({
+        "val_mode": mode if mode is not None else "whole",
+        "val_crop_size": dataset.get("val_crop_size", old.get("val_crop_size")),
+        "val_stride": dataset.get("val_stride"),
+    })
+
+
 def inference_metadata(
-    run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str, align_corners: bool | None = None
+    run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str, align_corners: bool | None = None,
+    eval_protocol: EvalProtocol | None = None,
 ) -> dict[str, Any]:
     """The ``inference`` block for a run: see the module docstring.
 
     ``align_corners``: the evaluated network's geometry (``Segmentor.align_corners``); None takes the model
-    config's ``align_corners`` (the segmentor's default, True, when the config has none).
+    config's ``align_corners`` (the segmentor's default, True, when the config has none). ``eval_protocol``:
+    the module's protocol, stored as it is; None takes the dataset config's (``EvalProtocol.from_dataset``).
     """
     from brpg_lightning import __version__
 
@@ -122,7 +146,8 @@ def inference_metadata(
         "eval_prefix": eval_prefix,
         "align_corners": bool(model.get("align_corners", True) if align_corners is None else align_corners),
         "ignore_index": IGNORE_INDEX,
-        "protocol": {
+        "eval_protocol": (eval_protocol or EvalProtocol.from_dataset(dataset)).as_dict(),
+        "protocol": {  # the older readers' keys (no stride): they pick their sliding window from it
             "val_mode": dataset.get("val_mode"),
             "val_crop_size": dataset.get("val_crop_size"),
             "crop_size": dataset.get("crop_size"),
@@ -160,7 +185,12 @@ def read_inference(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
             f"ckpt_path={path}: inference metadata version {meta['version']!r} "
             f"(package {meta.get('package_version', '?')}); this brpg-lightning reads version {INFERENCE_VERSION}"
         )
-    return dict(meta)
+    meta = dict(meta)
+    try:
+        meta["eval_protocol"] = stored_eval_protocol(ckpt).as_dict()  # filled in for older checkpoints
+    except BRPGInputError as exc:
+        raise BRPGInputError(f"ckpt_path={path}: stored evaluation protocol: {exc}") from None
+    return meta
 
 
 class ClassificationPath(nn.Module):

@@ -1,11 +1,12 @@
 """``python -m brpg_lightning.evaluate ckpt_path=PATH [dataset=PRESET] [split=NAME] [dataset.<key>=VALUE ...]``.
 
 The run's configuration travels inside the checkpoint (``hyper_parameters.run_config``), so the model,
-method and dataset are rebuilt exactly and validated with the dataset's own protocol (``trainer.validate``:
-the same ``validation_step`` as during training). ``dataset=PRESET`` (a ``conf/dataset`` option) and
-``dataset.*`` entries given on the command line override the stored dataset (another root, another
-evaluation protocol); ``split=NAME`` the stored split. Evaluates the method's ``eval_model``: the teacher's
-classification head for mean teacher (paper Sec. 4.1.6).
+method and dataset are rebuilt exactly and validated with the protocol stored in the checkpoint
+(``checkpoint.stored_eval_protocol``: mode, crop and stride; ``trainer.validate``: the same ``validation_step``
+as during training). ``dataset=PRESET`` (a ``conf/dataset`` option, with its own protocol) and ``dataset.*``
+entries given on the command line override the stored dataset (another root; ``val_mode``, ``val_crop_size``,
+``val_stride`` replace the stored protocol's fields); ``split=NAME`` the stored split. Evaluates the method's
+``eval_model``: the teacher's classification head for mean teacher (paper Sec. 4.1.6).
 
 Prints the mIoU and a per-class IoU table, and writes both next to the checkpoint as
 ``<checkpoint stem>.eval.json`` and ``<checkpoint stem>.eval.md`` (``report_dir`` puts them elsewhere,
@@ -22,20 +23,35 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brpg_lightning.checkpoint import load_checkpoint, stored_align_corners
+from brpg_lightning.checkpoint import load_checkpoint, stored_align_corners, stored_eval_protocol
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
 register_resolvers()
 
 __all__ = ["evaluate", "report", "write_report", "load_checkpoint", "run", "main"]
 
 
+def eval_protocol_for(ckpt: dict[str, Any], overrides: dict[str, Any]) -> EvalProtocol:
+    """The checkpoint's stored protocol with the command line's protocol keys in place of its fields; a preset
+    (``dataset=PRESET``, whose entries carry ``_target_``) brings its own protocol whole."""
+    if "_target_" in overrides:
+        return EvalProtocol.from_dataset(overrides)
+    stored = stored_eval_protocol(ckpt)
+    return EvalProtocol(
+        overrides.get("val_mode", stored.mode),
+        overrides.get("val_crop_size", stored.crop_size),
+        overrides.get("val_stride", stored.stride),
+    )
+
+
 def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
-    """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in, and
+    """The checkpoint's run config with the command line's ``split`` and ``dataset`` entries merged in,
     ``model.align_corners`` set to the geometry the network was trained with (False for a checkpoint written
-    before the key existed: the segmentor's default would otherwise change it)."""
+    before the key existed: the segmentor's default would otherwise change it), and the dataset's protocol keys
+    set to :func:`eval_protocol_for` (so the datamodule and the module read the checkpoint's protocol)."""
     run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
     overrides = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False) if cfg.get("dataset") else {}
     overrides = {k: v for k, v in overrides.items() if v != "???"}  # a preset's mandatory keys keep stored values
@@ -48,6 +64,9 @@ def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
             run_cfg.dataset.split = cfg.split
         if overrides:
             run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, overrides)
+        protocol = eval_protocol_for(ckpt, overrides)
+        run_cfg.dataset.val_mode, run_cfg.dataset.val_crop_size = protocol.mode, protocol.crop_size
+        run_cfg.dataset.val_stride = protocol.stride
     stored = int(ckpt["hyper_parameters"]["run_config"]["model"]["num_classes"])
     if int(run_cfg.dataset.num_classes) != stored:
         raise BRPGInputError(

@@ -6,6 +6,8 @@ out) with dynamic batch, height and width:
 
 * input ``image``: float32 ``(B, 3, H, W)``, RGB scaled to ``[0, 1]`` then normalised with the checkpoint's
   mean/std (stored with the model); output ``logits``: float32 ``(B, C, H, W)``; ``argmax(1)`` gives class ids.
+* metadata: class names, palette, normalisation and the checkpoint's evaluation protocol (``eval_protocol``:
+  mode, crop, stride; a sliding window is run by the caller, as ``predict`` does).
 * ``onnx``: ``torch.onnx.export`` (the ``torch.export``-based exporter by default; ``dynamo=false`` selects the
   older TorchScript-based one); class names, palette and normalisation go into the model's ``metadata_props``
   as JSON under ``brpg_inference``.
@@ -35,6 +37,7 @@ from brpg_lightning.checkpoint import load_for_inference
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -44,12 +47,15 @@ METADATA_KEY = "brpg_inference"
 
 
 def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """What a user of the exported file needs: classes, palette, normalisation, tensor names and layout."""
+    """What a user of the exported file needs: classes, palette, normalisation, the evaluation protocol the
+    reported mIoU used (the file itself runs one forward pass: a sliding window is the caller's), tensor names
+    and layout."""
     return {
         "class_names": meta["class_names"],
         "palette": meta["palette"],
         "normalization": meta["normalization"],
         "ignore_index": meta.get("ignore_index"),
+        "eval_protocol": EvalProtocol.from_dict(meta.get("eval_protocol") or {}).as_dict(),
         "input": {"name": "image", "shape": ["B", 3, "H", "W"], "dtype": "float32",
                   "preprocess": "RGB / scale, then (x - mean) / std"},
         "output": {"name": "logits", "shape": ["B", "C", "H", "W"], "dtype": "float32"},

@@ -9,10 +9,11 @@ Runs the checkpoint's evaluated network (the teacher for mean teacher) on every 
 
 Every output keeps its input's size. Images of one size go through the network in batches of ``batch_size``;
 an image with a side longer than the window goes window by window (``models.inference.sliding_window_logits``,
-overlapping logits averaged). Everything comes from the checkpoint's ``inference`` block
-(:mod:`brpg_lightning.checkpoint`); no dataset is read. Existing files in ``output`` are never replaced unless
-``overwrite=true``. An unreadable file is skipped with a warning naming it; the run then ends with exit status
-2 listing the skipped files.
+overlapping logits averaged). The window and its stride are the checkpoint's sliding-window protocol when it is
+one (``eval_protocol``), else 1024 and 2/3 of it; ``window_size`` and ``window_stride`` replace them.
+Everything comes from the checkpoint's ``inference`` block (:mod:`brpg_lightning.checkpoint`); no dataset is
+read. Existing files in ``output`` are never replaced unless ``overwrite=true``. An unreadable file is skipped
+with a warning naming it; the run then ends with exit status 2 listing the skipped files.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import config_dir, register_resolvers
 from brpg_lightning.data.datasets.common import IMAGE_SUFFIXES, files_in
 from brpg_lightning.errors import BRPGInputError
-from brpg_lightning.models.inference import sliding_window_logits
+from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -66,16 +67,25 @@ def output_paths(image: Path, input_root: Path, output: Path) -> dict[str, Path]
     return {kind: output / kind / rel.with_suffix(".png") for kind in OUTPUT_KINDS}
 
 
-def window_side(meta: Mapping[str, Any], window_size: int | None) -> int:
-    """The sliding-window side: ``window_size``, else the checkpoint's sliding protocol crop, else 1024."""
+def window_plan(
+    meta: Mapping[str, Any], window_size: int | None, window_stride: int | None = None
+) -> tuple[int, int | None]:
+    """``(window side, stride)``: ``window_size``, else the checkpoint's sliding-window crop, else 1024; the stride
+    ``window_stride``, else the checkpoint's stored stride when the window is its sliding window, else None
+    (2/3 of the window)."""
+    for key, value in (("window_size", window_size), ("window_stride", window_stride)):
+        if value is not None and int(value) < 1:
+            raise BRPGInputError(f"{key}={value}; expected an integer >= 1 or null")
+    protocol = EvalProtocol.from_dict(meta.get("eval_protocol") or {})
+    sliding = protocol.mode == "sliding"
     if window_size is not None:
-        if int(window_size) < 1:
-            raise BRPGInputError(f"window_size={window_size}; expected an integer >= 1 or null")
-        return int(window_size)
-    protocol = meta.get("protocol") or {}
-    if "slid" in str(protocol.get("val_mode") or "") and protocol.get("val_crop_size"):
-        return int(protocol["val_crop_size"])
-    return DEFAULT_WINDOW
+        window = int(window_size)
+    else:
+        window = int(protocol.crop_size) if sliding else DEFAULT_WINDOW  # type: ignore[arg-type]
+    if window_stride is not None:
+        return window, int(window_stride)
+    # the stored stride belongs to the stored window only: another window side takes 2/3 of itself
+    return window, protocol.stride if sliding and window == protocol.crop_size else None
 
 
 @torch.no_grad()
@@ -149,8 +159,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net = net.to(device)
-    window = window_side(meta, cfg.window_size)
-    stride = None if cfg.window_stride is None else int(cfg.window_stride)
+    window, stride = window_plan(meta, cfg.window_size, cfg.window_stride)
     palette = meta["palette"]
 
     skipped: dict[str, str] = {}

@@ -17,6 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from brpg_lightning.errors import BRPGInputError, input_error_in
+from brpg_lightning.models.inference import EvalProtocol
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,16 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.LightningModule:
-    """The method's LightningModule around a freshly built segmentor."""
+    """The method's LightningModule around a freshly built segmentor, evaluating with the dataset config's
+    protocol (the one the datamodule's val transform prepares the data for)."""
     segmentor = build(cfg.model)
     # further networks (CPS): the same config built again, so each random draw differs
     extra = {f"segmentor{i + 1}": build(cfg.model) for i in range(1, len(method_networks(cfg)))}
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    protocol = EvalProtocol.from_dataset(run_config.get("dataset") or {})
     return build(
         cfg.method, segmentor=segmentor, class_names=class_names, run_config=run_config,
-        _convert_="all", _recursive_=False, **extra,
+        eval_protocol=protocol.as_dict(), _convert_="all", _recursive_=False, **extra,
     )
 
 

@@ -53,6 +53,7 @@ def test_onnx_runtime_matches_pytorch_on_two_sizes(tiny_run, tmp_path: Path, dyn
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     meta = json.loads(props["brpg_inference"])
     assert meta["class_names"][0] == "background" and len(meta["palette"]) == 7
+    assert meta["eval_protocol"] == {"mode": "whole", "crop_size": None, "stride": None}  # the synthetic preset's
     assert json.loads((tmp_path / "model.onnx.json").read_text()) == meta
 
 

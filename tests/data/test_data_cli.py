@@ -74,6 +74,6 @@ def test_real_layout_trees_train(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert f"evaluation protocol ({layout}): {protocol}" in out
     if layout == "cityscapes":
         assert "optim.lr_scaling=linear: backbone lr 0.005 -> 0.00125" in out  # 2 x 1 device / reference 8
-    assert objects["module"].eval_protocol["mode"] == cfg.dataset.val_mode
+    assert objects["module"].eval_protocol.mode == cfg.dataset.val_mode
     assert 0.0 <= summary["final_mIoU"] <= 1.0 and 0.0 <= summary["best_mIoU"] <= 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_mIoU"] == summary["final_mIoU"]

@@ -1,5 +1,6 @@
-"""Evaluation protocols: the datamodule names one, the module runs it (sliding window = whole image for a
-pointwise model, every pixel covered), it is printed at the start of validation; the paper's presets resolve."""
+"""Evaluation protocols: the datamodule and the module get one value, the module runs it (sliding window = whole
+image for a pointwise model, every pixel covered), it is printed at the start of validation; the paper's presets
+resolve."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from brpg_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from brpg_lightning.data.datamodule import SemiSupervisedDataModule
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.base import SegmentationModule, scaled_lr
+from brpg_lightning.models.inference import EvalProtocol
 from brpg_lightning.models.output import SegmentorOutput
 from tests.conftest import compose_cfg
 
@@ -65,8 +67,8 @@ def position_tree(root: Path) -> Path:
     return root
 
 
-def module(seg: PositionSegmentor) -> SegmentationModule:
-    return SegmentationModule(seg, num_classes=3, optim={"name": "sgd", "lr": 0.1})
+def module(seg: PositionSegmentor, protocol: EvalProtocol | None = None) -> SegmentationModule:
+    return SegmentationModule(seg, num_classes=3, optim={"name": "sgd", "lr": 0.1}, eval_protocol=protocol)
 
 
 def test_sliding_window_equals_whole_image_and_covers_every_pixel(tmp_path: Path) -> None:
@@ -75,12 +77,10 @@ def test_sliding_window_equals_whole_image_and_covers_every_pixel(tmp_path: Path
     dm.setup("validate")
     images = dm.val_set[0]["image"][None]
     seg = PositionSegmentor()
-    m = module(seg)
-    whole = m.predict_logits(images, (H, W))
+    whole = module(seg).predict_logits(images, (H, W))
     assert seg.calls == 1
-    m.eval_protocol = dm.eval_protocol
     seg.seen.zero_()
-    slid = m.predict_logits(images, (H, W))
+    slid = module(seg, dm.eval_protocol).predict_logits(images, (H, W))
     torch.testing.assert_close(slid, whole)
     assert seg.calls == 1 + 3 * 4  # rows [0, 5, 6], cols [0, 5, 10, 15]
     assert bool((seg.seen >= 1).all()) and int(seg.seen.max()) > 1
@@ -94,12 +94,20 @@ def test_validation_prints_and_runs_the_datamodules_protocol(tmp_path: Path, cap
                                       val_mode=mode, val_crop_size=8 if mode == "sliding" else None)
         seg = PositionSegmentor()
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-        results[mode] = trainer.validate(module(seg), datamodule=dm, verbose=False)[0]["val/mIoU"]
+        results[mode] = trainer.validate(module(seg, dm.eval_protocol), datamodule=dm, verbose=False)[0]["val/mIoU"]
         out = capsys.readouterr().out
         expected = "sliding window 8x8, stride 6 (2/3 of the crop)" if mode == "sliding" else "whole image"
         assert f"evaluation protocol (folder): {expected}" in out
         assert seg.calls == (2 * 4 if mode == "sliding" else 1)  # rows [0, 6], cols [0, 6, 12, 15]
     assert results["sliding"] == pytest.approx(results["whole"]) == pytest.approx(1.0)
+
+
+def test_validation_refuses_a_datamodule_prepared_for_another_protocol(tmp_path: Path) -> None:
+    dm = SemiSupervisedDataModule("folder", str(position_tree(tmp_path / "d")), 3, "folder", crop_size=8,
+                                  batch_size_labeled=1, val_mode="center_crop", val_crop_size=8)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(BRPGInputError, match="'center crop 8x8 .*' but the module evaluates 'whole image"):
+        trainer.validate(module(PositionSegmentor()), datamodule=dm, verbose=False)
 
 
 def test_bad_protocol_values() -> None:

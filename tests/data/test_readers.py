@@ -20,6 +20,7 @@ from brpg_lightning.data.datasets.folder import FolderDataset, read_classes_file
 from brpg_lightning.data.datasets.pascal import PASCAL_CLASSES
 from brpg_lightning.data.splits import LAYOUTS, make_layout
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 from tests.data.trees import (
     OFFICIAL_LABELS,
     SHARED_SPLITS,
@@ -58,7 +59,7 @@ def test_pascal_classic_palette_and_blended_grey_masks_read_as_class_ids(tmp_pat
         assert val_item["name"] == val[0] and val_item["mask"].dtype == torch.int64
         assert (val_item["mask"] == IGNORE_INDEX).sum() == 3  # boundary pixels stay ignored
         assert d.unlabeled_set.load(0)[1] is None
-    assert d.eval_protocol == {"mode": "whole", "crop_size": None, "stride": None}
+    assert d.eval_protocol == EvalProtocol("whole", None, None)
 
 
 def test_official_labelids_table_for_all_34_ids() -> None:
@@ -91,7 +92,7 @@ def test_cityscapes_trainids_and_labelids_give_the_same_masks(tmp_path: Path) ->
     np.testing.assert_array_equal(loaded["labelIds"][0], np.vectorize(expected_table.get)(ids).astype(np.uint8))
     for a, b in zip(loaded["trainIds"], loaded["labelIds"], strict=True):
         np.testing.assert_array_equal(a, b)
-    assert d.eval_protocol == {"mode": "sliding", "crop_size": 8, "stride": None}
+    assert d.eval_protocol == EvalProtocol("sliding", 8, None)
     assert d.val_set[0]["image"].shape == (3, 12, 16)  # sliding evaluates the whole image
 
 

@@ -10,6 +10,7 @@ from scipy.ndimage import gaussian_filter
 from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
 PALETTE = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], np.uint8)
 NO_STRONG = {"color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
@@ -154,9 +155,10 @@ def test_transforms_draw_from_torch_global_rng() -> None:
     assert not torch.equal(first["image"], other["image"])
 
 
-def test_val_whole_keeps_the_image() -> None:
-    image, mask = _block_scene()
-    out = ValTransform("whole")(image, mask)
+@pytest.mark.parametrize("protocol", [EvalProtocol("whole"), EvalProtocol("sliding", 6)])
+def test_val_whole_keeps_the_image(protocol: EvalProtocol) -> None:
+    image, mask = _block_scene()  # sliding: the module runs the windows over the whole image
+    out = ValTransform(protocol)(image, mask)
     np.testing.assert_allclose(_denormalize(out["image"]), image.astype(float), atol=1e-3)
     np.testing.assert_array_equal(out["mask"].numpy(), mask)
 
@@ -164,10 +166,10 @@ def test_val_whole_keeps_the_image() -> None:
 def test_val_center_crop_and_padding() -> None:
     rng = np.random.default_rng(9)
     mask = rng.integers(0, 4, (10, 12)).astype(np.uint8)
-    out = ValTransform("center_crop", 6)(PALETTE[mask], mask)
+    out = ValTransform(EvalProtocol("center_crop", 6))(PALETTE[mask], mask)
     np.testing.assert_array_equal(out["mask"].numpy(), mask[2:8, 3:9])  # offsets (10-6)//2, (12-6)//2
     small = mask[:4, :5]
-    out = ValTransform("center_crop", 6)(PALETTE[small], small)
+    out = ValTransform(EvalProtocol("center_crop", 6))(PALETTE[small], small)
     expected = np.full((6, 6), IGNORE_INDEX, np.uint8)
     expected[:4, :5] = small
     np.testing.assert_array_equal(out["mask"].numpy(), expected)
@@ -175,8 +177,8 @@ def test_val_center_crop_and_padding() -> None:
 
 
 @pytest.mark.parametrize("make", [
-    lambda: ValTransform("sliding"),
-    lambda: ValTransform("center_crop", None),
+    lambda: ValTransform(EvalProtocol("tiles")),
+    lambda: ValTransform(EvalProtocol("center_crop", None)),
     lambda: LabeledTransform(crop_size=0),
     lambda: UnlabeledTransform(crop_size=8, strong={"blur_p": 1.5}),
 ])

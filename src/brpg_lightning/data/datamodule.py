@@ -17,9 +17,10 @@ datasets are built (``setup``); pixels in a sampled pre-pass of ``check_items`` 
 every load. Batch sizes are per device (per DDP process): the total batch is ``batch_size_labeled x devices x
 num_nodes``.
 
-Evaluation protocol (``val_mode``, :attr:`SemiSupervisedDataModule.eval_protocol`): ``whole`` image,
-``center_crop`` to ``val_crop_size`` (done by the val transform), or ``sliding`` windows of ``val_crop_size``
-every ``val_stride`` pixels over the whole image (done by the module, ``methods.base``).
+Evaluation protocol (``val_mode``, ``val_crop_size``, ``val_stride`` -> :attr:`SemiSupervisedDataModule.eval_protocol`,
+a ``models.inference.EvalProtocol``): ``whole`` image, ``center_crop`` to ``val_crop_size`` (done by the val
+transform), or ``sliding`` windows of ``val_crop_size`` every ``val_stride`` pixels over the whole image (done by
+the module, which ``train.build_module`` gives the same value).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from brpg_lightning.data.datasets.synthetic import generate_synthetic, synthetic
 from brpg_lightning.data.splits import LAYOUTS, SplitLists, load_split, make_layout, validate_split
 from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
 
 class RepeatDataset(Dataset):
@@ -99,26 +101,6 @@ def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(items)
 
 
-EVAL_MODES: tuple[str, ...] = ("whole", "center_crop", "sliding")
-
-
-def describe_protocol(protocol: dict[str, Any]) -> str:
-    """One line naming an evaluation protocol.
-
-    >>> describe_protocol({"mode": "sliding", "crop_size": 769, "stride": None})
-    'sliding window 769x769, stride 513 (2/3 of the crop), over the whole image, overlapping logits averaged'
-    >>> describe_protocol({"mode": "center_crop", "crop_size": 513, "stride": None})
-    'center crop 513x513 (single scale)'
-    """
-    mode, crop, stride = protocol["mode"], protocol.get("crop_size"), protocol.get("stride")
-    if mode == "sliding":
-        step = f"{stride}" if stride else f"{-(-2 * int(crop) // 3)} (2/3 of the crop)"
-        return f"sliding window {crop}x{crop}, stride {step}, over the whole image, overlapping logits averaged"
-    if mode == "center_crop":
-        return f"center crop {crop}x{crop} (single scale)"
-    return "whole image (single scale)"
-
-
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """Datamodule over the folder layout (``data.datasets.folder``), optionally generating the synthetic set.
 
@@ -134,8 +116,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         use_unlabeled: load unlabeled images (False: the supervised baseline, same epoch length).
         scale_range, flip_p: weak augmentation (paper Sec. 4.1.5: 0.5-2.0, 0.5).
         strong: keyword arguments of ``transforms.StrongColor``.
-        val_mode, val_crop_size, val_stride: evaluation protocol: ``whole``, ``center_crop`` (to
-            ``val_crop_size``) or ``sliding`` (``val_crop_size`` windows every ``val_stride`` px; None: 2/3 crop).
+        val_mode, val_crop_size, val_stride: evaluation protocol (``EvalProtocol.from_dataset``): ``whole``,
+            ``center_crop`` (to ``val_crop_size``) or ``sliding`` (``val_crop_size`` windows every ``val_stride``
+            px; None: 2/3 crop).
         layout: ``folder`` (default), ``pascal``, ``cityscapes`` or ``coco``.
         split_dir: split folder (``<split_dir>/<split>/labeled.txt`` ...); required by pascal/cityscapes/coco;
             for ``folder``, None reads the sub-folders.
@@ -240,18 +223,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.unlabeled_transform = UnlabeledTransform(
             int(crop_size), tuple(scale_range), float(flip_p), dict(strong) if strong else None
         )
-        if str(val_mode) not in EVAL_MODES:
-            raise BRPGInputError(f"dataset.val_mode={val_mode!r}; expected one of {', '.join(EVAL_MODES)}")
-        if val_mode == "sliding" and (val_crop_size is None or int(val_crop_size) < 1):
-            raise BRPGInputError(f"dataset.val_mode=sliding needs dataset.val_crop_size >= 1, got {val_crop_size}")
-        if val_stride is not None and int(val_stride) < 1:
-            raise BRPGInputError(f"dataset.val_stride={val_stride}; expected an integer >= 1 or null (2/3 of the crop)")
-        self.eval_protocol: dict[str, Any] = {
-            "mode": str(val_mode),
-            "crop_size": None if val_crop_size is None else int(val_crop_size),
-            "stride": None if val_stride is None else int(val_stride),
-        }
-        self.val_transform = ValTransform("whole" if val_mode == "sliding" else str(val_mode), val_crop_size)
+        self.eval_protocol = EvalProtocol.from_dataset(
+            {"val_mode": val_mode, "val_crop_size": val_crop_size, "val_stride": val_stride}
+        )
+        self.val_transform = ValTransform(self.eval_protocol)
 
         self.labeled_set: PairDataset | None = None
         self.unlabeled_set: PairDataset | None = None

@@ -8,9 +8,10 @@
   (brightness 0.5, contrast 0.5, saturation 0.5, hue 0.25), ``ToGray`` ``p=0.2`` (ITU-R 601 weights), Gaussian
   blur ``p=0.5`` with sigma uniform in ``[0.1, 2.0]`` (kernel ``2 * int(3.5 sigma) + 1``, reflect-101 border).
   The strong view is uint8 like the weak one. CutMix is a batch operation of the method, not here.
-* Val: ``"whole"`` (no geometric change) or ``"center_crop"`` to ``val_crop_size`` (padding bottom/right
-  first, image 0 and mask 255, when the image is smaller). The sliding-window protocol is whole-image data
-  evaluated window by window in the module (``models.inference.sliding_window_logits``).
+* Val: what the evaluation protocol (``models.inference.EvalProtocol``) asks of the data: ``center_crop`` to
+  its crop (padding bottom/right first, image 0 and mask 255, when the image is smaller), else the whole image
+  (``whole``; ``sliding`` is whole-image data evaluated window by window in the module,
+  ``models.inference.sliding_window_logits``).
 
 Every image is then scaled to ``[0, 1]`` and normalised with the ImageNet mean/std -> float32 ``(3, H, W)``;
 masks become int64 ``(H, W)``. All randomness comes from torch's global RNG (seeded per worker by torch and
@@ -30,8 +31,8 @@ from torch import Tensor
 
 from brpg_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.inference import EvalProtocol
 
-VAL_MODES: tuple[str, ...] = ("whole", "center_crop")
 _SEED_HIGH = 2**31 - 1
 
 
@@ -219,21 +220,17 @@ class ValTransform:
     """Validation item -> ``{"image": float32 (3, H, W), "mask": int64 (H, W)}``.
 
     Args:
-        mode: ``"whole"`` (image unchanged) or ``"center_crop"`` (pad bottom/right to at least
-            ``crop_size``, image 0 / mask 255, then take the centred ``crop_size x crop_size`` window).
-        crop_size: side of the centre crop (``center_crop`` only).
+        protocol: the evaluation protocol (default: whole image). ``center_crop``: pad bottom/right to at least
+            its crop, image 0 / mask 255, then take the centred ``crop x crop`` window; ``whole`` and
+            ``sliding``: the image unchanged (the module runs the windows).
     """
 
-    def __init__(self, mode: str = "whole", crop_size: int | None = None) -> None:
-        if mode not in VAL_MODES:
-            raise BRPGInputError(f"val_mode '{mode}' is not valid; expected one of {', '.join(VAL_MODES)}")
-        if mode == "center_crop" and (crop_size is None or int(crop_size) < 1):
-            raise BRPGInputError(f"val_mode 'center_crop' needs val_crop_size >= 1, got {crop_size}")
-        self.mode, self.crop_size = mode, None if crop_size is None else int(crop_size)
+    def __init__(self, protocol: EvalProtocol | None = None) -> None:
+        self.protocol = protocol if protocol is not None else EvalProtocol()
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-        if self.mode == "center_crop":
-            s = self.crop_size
+        if self.protocol.mode == "center_crop":
+            s = int(self.protocol.crop_size)  # type: ignore[arg-type]
             image, mask, _ = pad_bottom_right(image, mask, s, s)
             h, w = image.shape[:2]
             y0, x0 = (h - s) // 2, (w - s) // 2

@@ -14,12 +14,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.data.datamodule import describe_protocol
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
 from brpg_lightning.methods.schedules import poly_lr_factor
-from brpg_lightning.models.inference import sliding_window_logits
+from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
 from brpg_lightning.models.output import SegmentorOutput, as_probabilities
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -57,6 +56,9 @@ class SegmentationModule(pl.LightningModule):
         sup_only_epochs: labeled-only warm-up epochs before the method's own step (:meth:`warmup_step`);
             None: the method's ``default_sup_only_epochs``.
         run_config: the resolved run configuration, stored in checkpoints so ``evaluate`` can rebuild the run.
+        eval_protocol: how validation and test evaluate (:class:`~brpg_lightning.models.inference.EvalProtocol`,
+            or its :meth:`~brpg_lightning.models.inference.EvalProtocol.as_dict`); None: the whole image.
+            ``train.build_module`` fills it from the dataset config; it is stored in the checkpoint.
     """
 
     uses_unlabeled: bool = True
@@ -76,9 +78,17 @@ class SegmentationModule(pl.LightningModule):
         class_names: list[str] | None = None,
         run_config: dict[str, Any] | None = None,
         sup_only_epochs: int | None = None,
+        eval_protocol: EvalProtocol | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["segmentor", "segmentor2"])
+        self.save_hyperparameters(ignore=["segmentor", "segmentor2", "eval_protocol"])
+        if eval_protocol is None:
+            eval_protocol = EvalProtocol()
+        elif not isinstance(eval_protocol, EvalProtocol):
+            eval_protocol = EvalProtocol.from_dict(eval_protocol)
+        self.eval_protocol: EvalProtocol = eval_protocol
+        # the plain dict, not the dataclass: checkpoints are read with torch.load(weights_only=True)
+        self.hparams["eval_protocol"] = eval_protocol.as_dict()
         self.student = segmentor
         self.num_classes = num_classes
         self.optim_cfg = dict(optim)
@@ -233,24 +243,24 @@ class SegmentationModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
-    eval_protocol: dict[str, Any] | None = None
-    """The datamodule's ``eval_protocol`` (``mode`` whole | center_crop | sliding, ``crop_size``, ``stride``),
-    read at the start of validation/test; None or a non-sliding mode: one forward pass per image."""
-
     def on_validation_start(self) -> None:
-        self._read_eval_protocol()
+        self._announce_eval_protocol()
 
     def on_test_start(self) -> None:
-        self._read_eval_protocol()
+        self._announce_eval_protocol()
 
-    def _read_eval_protocol(self) -> None:
-        """Take the protocol from the attached datamodule and print it (once per protocol and stage)."""
+    def _announce_eval_protocol(self) -> None:
+        """Print :attr:`eval_protocol` (once per protocol and stage); refuse a datamodule that prepared its val
+        data for another protocol (a centre crop evaluated as whole images would score silently wrong)."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        protocol = getattr(datamodule, "eval_protocol", None)
-        if protocol is not None:
-            self.eval_protocol = dict(protocol)
-        line = describe_protocol(self.eval_protocol or {"mode": "whole"})
+        theirs = getattr(datamodule, "eval_protocol", None)
+        if isinstance(theirs, EvalProtocol) and theirs != self.eval_protocol:
+            raise BRPGInputError(
+                f"the datamodule prepares its val data for '{theirs.describe()}' but the module evaluates "
+                f"'{self.eval_protocol.describe()}'; build both from the same dataset config (train.build_module)"
+            )
+        line = self.eval_protocol.describe()
         key = (str(getattr(getattr(trainer, "state", None), "fn", "")), line)
         if key != getattr(self, "_printed_protocol", None):
             self._printed_protocol = key
@@ -260,13 +270,14 @@ class SegmentationModule(pl.LightningModule):
     def predict_logits(self, images: Tensor, size: tuple[int, int]) -> Tensor:
         """Classification-head logits of :attr:`eval_model` at ``size``: one pass over the (whole or
         centre-cropped) image, or the sliding-window average when :attr:`eval_protocol` says ``sliding``."""
-        protocol = self.eval_protocol or {}
-        if protocol.get("mode") == "sliding":
+        protocol = self.eval_protocol
+        if protocol.mode == "sliding":
 
             def window_logits(window: Tensor) -> Tensor:
                 return self.eval_model(window).logits_at(tuple(window.shape[-2:]))
 
-            return sliding_window_logits(window_logits, images, int(protocol["crop_size"]), protocol.get("stride"))
+            crop = int(protocol.crop_size)  # type: ignore[arg-type]
+            return sliding_window_logits(window_logits, images, crop, protocol.window_stride)
         return self.eval_model(images).logits_at(size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -296,7 +307,8 @@ class SegmentationModule(pl.LightningModule):
         prefix = next(name for name, m in self.named_modules() if m is self.eval_model)
         geometry = getattr(self.student, "align_corners", None)  # the built network's, not the config's default
         checkpoint["inference"] = inference_metadata(
-            run_config, self.class_names, f"{prefix}." if prefix else "", align_corners=geometry
+            run_config, self.class_names, f"{prefix}." if prefix else "", align_corners=geometry,
+            eval_protocol=self.eval_protocol,
         )
 
     def on_test_epoch_end(self) -> None:
