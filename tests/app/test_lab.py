@@ -12,11 +12,11 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.data.datasets.folder import FolderDataset
 from brpg_lightning.data.datasets.synthetic import ORACLE_MASK_DIR, generate_synthetic, render_synthetic_image
 from brpg_lightning.errors import BRPGInputError
-from brpg_lightning.methods.ema import EMATeacher
 from brpg_lightning.lab.oracle import OracleMeanTeacher
 from brpg_lightning.lab.quality import PseudoLabelQuality, quality_summary
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import cutmix_box
+from brpg_lightning.methods.ema import EMATeacher
 from brpg_lightning.models.segmentor import Segmentor
 from tests.app.test_mean_teacher import C, Epoch, H, W, batch
 from tests.conftest import compose_cfg

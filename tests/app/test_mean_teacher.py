@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.methods.cutmix import cutmix_box
+from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.models.segmentor import Segmentor
 from tests.conftest import random_semi_batch
 

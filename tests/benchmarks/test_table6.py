@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from benchmarks.table6 import END, START, mean_sd, paired_interval, render, render_into
 
 
