@@ -27,6 +27,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks.common import environment, fmt_times, ratio_line
 from brpg_lightning.brpg.callback import BRPGCallback
@@ -40,7 +41,8 @@ NUM_CLASSES = 21
 def make_module(crop: int) -> MeanTeacher:
     torch.manual_seed(0)
     seg = Segmentor(NUM_CLASSES, encoder_name="resnet18", decoder_channels=64, feature_dim=256)
-    module = MeanTeacher(seg, NUM_CLASSES, optim={"name": "sgd", "lr": 1e-3})
+    optim = OmegaConf.to_container(compose_default("dataset=pascal", "split=92").optim, resolve=True)  # unused: own SGD
+    module = MeanTeacher(seg, NUM_CLASSES, optim=optim)
     trainer = pl.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, accelerator="cpu")
     module.trainer = trainer
     trainer.fit_loop.epoch_progress.current.completed = 2  # teacher active, unlabeled branch on

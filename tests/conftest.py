@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brpg_lightning.config import config_dir, register_resolvers
 
@@ -32,8 +32,8 @@ TINY = (
     "callbacks.progress_bar.refresh_rate=0",
     "sup_only_epochs=1",
     "dataset.num_workers=0",  # in-process loading: tiny runs start faster  # the synthetic preset warms up for 3 epochs; the tiny run has 3 in all
-    "++brpg.T_S1=1",
-    "++brpg.T_S2=2",
+    "T_S1=1",
+    "T_S2=2",
     "++brpg.V=400",
     "++brpg.sample_num=50",
     "++brpg.M_u=20",
@@ -54,6 +54,15 @@ def compose_cfg(*overrides: str, output_dir: Path | None = None, config_name: st
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def optim_node(optimizer: str = "sgd", **keywords: object) -> dict:
+    """``conf/train.yaml``'s ``optim`` node with the ``conf/optim/optimizer/<optimizer>.yaml`` factory, its keywords
+    updated by ``keywords``: the ``optim`` argument of a method built without Hydra."""
+    conf = config_dir()
+    node = OmegaConf.to_container(OmegaConf.load(conf / "train.yaml").optim)
+    factory = OmegaConf.to_container(OmegaConf.load(conf / "optim" / "optimizer" / f"{optimizer}.yaml"))
+    return {**node, "optimizer": {**factory, **keywords}}
 
 
 @pytest.fixture(scope="session")

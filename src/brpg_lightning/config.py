@@ -55,3 +55,52 @@ def register_resolvers() -> None:
     """Register ``${brpg_root:}`` (:func:`project_root`) once."""
     if not OmegaConf.has_resolver("brpg_root"):
         OmegaConf.register_new_resolver("brpg_root", lambda: str(project_root()))
+
+
+RENAMED_KEYS: dict[str, str] = {
+    "optim.name": "optim/optimizer",
+    "optim.lr": "optim.optimizer.lr",
+    "optim.momentum": "optim.optimizer.momentum",
+    "optim.weight_decay": "optim.optimizer.weight_decay",
+    "optim.betas": "optim.optimizer.betas",
+}
+"""Keys that moved, old -> new: the optimiser is a ``_partial_`` factory from the ``optim/optimizer`` group
+(``conf/optim/optimizer``), holding its own keywords."""
+
+
+def renamed_key_message(key: str, value: object) -> str | None:
+    """The one-line error for a key of :data:`RENAMED_KEYS` set to ``value``, else None.
+
+    >>> renamed_key_message("optim.name", "adamw")
+    'optim.name=adamw: the optimiser is the config group optim/optimizer now; use optim/optimizer=adamw'
+    >>> renamed_key_message("optim.lr", 0.01)
+    'optim.lr=0.01: the optimiser keywords are under optim.optimizer now; use optim.optimizer.lr=0.01'
+    >>> renamed_key_message("optim.lr_scaling", "linear") is None
+    True
+    """
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return None
+    if key == "optim.name":
+        return f"{key}={value}: the optimiser is the config group {new} now; use {new}={value}"
+    return f"{key}={value}: the optimiser keywords are under optim.optimizer now; use {new}={value}"
+
+
+def check_renamed_overrides(overrides: list[str]) -> None:
+    """Raise the one-line :class:`BRPGInputError` for a command-line override of a renamed key.
+
+    Hydra would refuse such an override with a multi-line "Could not override" that does not name the new key.
+
+    >>> check_renamed_overrides(["seed=1", "-m", "optim.lr_scaling=linear"])
+    >>> check_renamed_overrides(["++optim.weight_decay=0.01"])
+    Traceback (most recent call last):
+    ...
+    brpg_lightning.errors.BRPGInputError: optim.weight_decay=0.01: the optimiser keywords are under optim.optimizer now; use optim.optimizer.weight_decay=0.01
+    """
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("~+").split("=", 1)
+        message = renamed_key_message(key.strip(), value)
+        if message is not None:
+            raise BRPGInputError(message)

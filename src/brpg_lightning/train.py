@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from brpg_lightning.errors import BRPGInputError, input_error_in
 from brpg_lightning.models.inference import EvalProtocol
+from brpg_lightning.methods.optimizers import check_optim
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,24 @@ def method_networks(cfg: DictConfig) -> tuple[str, ...]:
     return tuple(getattr(get_class(cfg.method._target_), "networks", ("student",)))
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Trainer callbacks from ``cfg.callbacks`` plus one BRPG callback per network when ``brpg.name != none``."""
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+def brpg_enabled(cfg: DictConfig) -> bool:
+    """Whether the run trains with BRPG: the ``brpg`` group is an option (``cpg_apo``, ``cpg``, ``plain``), not null
+    (``brpg=none``, ``~brpg``, an experiment's ``override /brpg: null``).
+
+    Without BRPG, ``++brpg.<key>=...`` overrides still create a ``brpg`` node, without ``_target_``: a sweep passes
+    the same overrides to rows with and without BRPG (``experiment=ablation/table6``), so such a node is ignored.
+    """
     brpg = cfg.get("brpg")
-    if brpg is not None and brpg.get("name", "none") != "none":
+    return brpg is not None and "_target_" in brpg
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Trainer callbacks from ``cfg.callbacks`` plus one BRPG callback per network when BRPG is on."""
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.get("brpg") is not None and not brpg_enabled(cfg):
+        log.warning("BRPG is off; ignoring %s", ", ".join(f"brpg.{key}" for key in cfg.brpg))
+    if brpg_enabled(cfg):
+        brpg = cfg.brpg
         names = method_networks(cfg)
         for name in names:
             extra = {} if len(names) == 1 else {"network": name}
@@ -86,6 +100,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     Writes into the run directory: ``checkpoints/`` (best ``val/mIoU`` and ``last.ckpt``), ``csv/metrics.csv``
     (CSV logger), and ``metrics.json`` with the final and best mIoU.
     """
+    check_run(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, class_names=datamodule.class_names)
@@ -126,6 +141,38 @@ def check_config(cfg: DictConfig) -> None:
             raise BRPGInputError(f"config group '{key}' is empty; choose one, e.g. {key}=<option>")
 
 
+def check_warmup_before_sampling(cfg: DictConfig) -> None:
+    """``brpg.T_S1 >= sup_only_epochs``: the method's labeled-only warm-up ends before BRPG samples features.
+
+    ``sup_only_epochs`` is the value the method receives (``method.sup_only_epochs``, the top-level key), null
+    meaning the method class's ``default_sup_only_epochs``.
+    """
+    if not brpg_enabled(cfg):
+        return
+    method_cls = get_class(cfg.method._target_)
+    default = int(getattr(method_cls, "default_sup_only_epochs", 0))
+    given = cfg.method.get("sup_only_epochs")
+    warmup = default if given is None else given
+    t_s1 = cfg.brpg.get("T_S1")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, t_s1)):
+        return  # the module and the callback name a malformed value themselves
+    if t_s1 < warmup:
+        shown = f"{warmup}" if given is not None else f"null (= {method_cls.__name__}'s {default})"
+        raise BRPGInputError(
+            f"brpg.T_S1={t_s1} < sup_only_epochs={shown}: BRPG would sample during the method's labeled-only "
+            f"warm-up; set T_S1 >= {warmup} or sup_only_epochs <= {t_s1}"
+        )
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Start-up checks of ``train`` (one-line errors before any data or network is built): moved ``optim``
+    keys, and the warm-up ending before BRPG's sampling."""
+    optim = cfg.method.get("optim") if cfg.get("method") is not None else None
+    if optim is not None:
+        check_optim(optim)
+    check_warmup_before_sampling(cfg)
+
+
 def run(cfg: DictConfig) -> float:
     """Hydra task: check, train, print the final mIoU as the last line. Returns it (sweepers optimise it)."""
     check_config(cfg)
@@ -139,4 +186,4 @@ def run(cfg: DictConfig) -> float:
     return summary["final_mIoU"]
 
 
-__all__ = ["train", "run", "build_module", "build_datamodule", "build_callbacks", "hydra"]
+__all__ = ["train", "run", "build_module", "build_datamodule", "build_callbacks", "check_run", "hydra"]

@@ -72,5 +72,33 @@ def test_bad_brpg_values_are_named(tiny_cfg) -> None:
         build_callbacks(tiny_cfg("brpg.T_S1=3", "brpg.T_S2=2"))
 
 
+def test_sampling_before_the_warm_up_ends_is_refused_at_start_up(tiny_cfg) -> None:
+    from brpg_lightning.train import check_run, train
+
+    with pytest.raises(BRPGInputError, match=r"brpg.T_S1=1 < sup_only_epochs=2") as info:
+        train(tiny_cfg("sup_only_epochs=2"))  # before any data or network is built
+    assert "\n" not in str(info.value)
+    # null: the method's own warm-up (mean teacher: 1), named with its value
+    with pytest.raises(BRPGInputError, match=r"brpg.T_S1=0 < sup_only_epochs=null \(= MeanTeacher's 1\)"):
+        check_run(tiny_cfg("sup_only_epochs=null", "T_S1=0"))
+    check_run(tiny_cfg("sup_only_epochs=null"))  # T_S1 = 1 = the warm-up: sampling starts as it ends
+    check_run(tiny_cfg("sup_only_epochs=3", "brpg=none"))  # no BRPG, no sampling
+    check_run(tiny_cfg("method=fixmatch", "sup_only_epochs=null", "T_S1=0"))  # FixMatch: no warm-up
+
+
+def test_moved_optim_keys_name_the_new_key(tmp_path: Path, tiny_cfg) -> None:
+    from brpg_lightning.train import check_run
+
+    for arg, new in (("optim.name=adamw", "optim/optimizer=adamw"), ("optim.lr=0.01", "optim.optimizer.lr=0.01"),
+                     ("+optim.weight_decay=0.1", "optim.optimizer.weight_decay=0.1")):
+        proc = run_module("brpg_lightning", arg, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = error_lines(proc)
+        assert new in line, line
+    # set in a config file (or forced with ++): the same line at start-up
+    with pytest.raises(BRPGInputError, match=r"optim.momentum=0.5: .* use optim.optimizer.momentum=0.5"):
+        check_run(tiny_cfg("++optim.momentum=0.5"))
+
+
 def test_error_message_is_folded_to_one_line() -> None:
     assert "\n" not in str(BRPGInputError("a\nb   c"))

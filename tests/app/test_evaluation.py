@@ -10,6 +10,7 @@ from torch import nn
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.methods.supervised import Supervised
 from brpg_lightning.models.output import SegmentorOutput
+from tests.conftest import optim_node
 
 
 class FixedPredictor(nn.Module):
@@ -50,7 +51,7 @@ def test_validation_miou_matches_brute_force_over_batches() -> None:
         preds = np.where(rng.random(target.shape) < 0.6, np.clip(target, 0, num_classes - 2), rng.integers(0, 4, target.shape))
         logits = torch.nn.functional.one_hot(torch.as_tensor(preds), num_classes).permute(0, 3, 1, 2).float()
         if module is None:
-            module = Supervised(FixedPredictor(logits), num_classes, optim={"name": "sgd", "lr": 0.1})
+            module = Supervised(FixedPredictor(logits), num_classes, optim=optim_node(lr=0.1))
         module.student.logits = logits
         module.validation_step({"image": torch.zeros(2, 3, 6, 7), "mask": torch.as_tensor(target)}, 0)
         all_preds.append(preds)

@@ -17,10 +17,10 @@ from brpg_lightning.methods.cps import CPS
 from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.fixmatch import FixMatch, fixmatch_loss
 from brpg_lightning.models.segmentor import Segmentor
-from tests.conftest import random_semi_batch
+from tests.conftest import optim_node, random_semi_batch
 
 C, H, W = 3, 32, 32
-OPTIM = {"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}
+OPTIM = optim_node(lr=0.01)
 
 
 def batch(b: int = 2) -> dict:
@@ -147,7 +147,7 @@ def test_param_groups_heads_at_10x_for_every_network() -> None:
         assert {id(p) for p in groups[f"{prefix}backbone"]["params"]} == {id(p) for p in net.encoder.parameters()}
         head = {id(p) for p in groups[f"{prefix}head"]["params"]}
         assert head == {id(p) for p in net.parameters()} - {id(p) for p in net.encoder.parameters()}
-    adamw = FixMatch(segmentor(0), C, optim={"name": "adamw", "lr": 6e-5, "weight_decay": 0.01, "head_lr_mult": 10})
+    adamw = FixMatch(segmentor(0), C, optim=optim_node("adamw", lr=6e-5, weight_decay=0.01))
     Epoch(adamw, epoch=0)
     opt = adamw.configure_optimizers()["optimizer"]
     assert isinstance(opt, torch.optim.AdamW)

@@ -19,7 +19,7 @@ from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.ema import EMATeacher
 from brpg_lightning.models.segmentor import Segmentor
 from tests.app.test_mean_teacher import C, Epoch, H, W, batch
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, optim_node
 
 
 def test_unlabeled_folder_holds_no_masks_and_hidden_masks_are_true(tmp_path) -> None:
@@ -42,7 +42,7 @@ def test_unlabeled_folder_holds_no_masks_and_hidden_masks_are_true(tmp_path) -> 
 def make_oracle(**kwargs) -> OracleMeanTeacher:
     torch.manual_seed(0)
     seg = Segmentor(C, encoder_name="resnet18", decoder_channels=16, feature_dim=8)
-    return OracleMeanTeacher(seg, C, optim={"name": "sgd", "lr": 0.01}, sup_only_epochs=1, cutmix_p=0.0, **kwargs)
+    return OracleMeanTeacher(seg, C, optim=optim_node(lr=0.01), sup_only_epochs=1, cutmix_p=0.0, **kwargs)
 
 
 def test_hidden_masks_are_off_by_default_and_no_product_module_imports_the_lab() -> None:

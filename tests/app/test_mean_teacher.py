@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.mean_teacher import MeanTeacher
 from brpg_lightning.models.segmentor import Segmentor
-from tests.conftest import random_semi_batch
+from tests.conftest import optim_node, random_semi_batch
 
 C, H, W = 3, 32, 32
 
@@ -22,7 +22,7 @@ def make_module(**kwargs) -> MeanTeacher:
     torch.manual_seed(0)
     seg = Segmentor(C, encoder_name="resnet18", decoder_channels=16, feature_dim=8)
     kwargs.setdefault("cutmix_p", 0.0)
-    return MeanTeacher(seg, C, optim={"name": "sgd", "lr": 0.01}, sup_only_epochs=1, **kwargs)
+    return MeanTeacher(seg, C, optim=optim_node(lr=0.01), sup_only_epochs=1, **kwargs)
 
 
 def batch(b: int = 2) -> dict:

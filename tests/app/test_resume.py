@@ -24,8 +24,8 @@ EPOCHS = 5
 RESUME = (
     *TINY,
     f"trainer.max_epochs={EPOCHS}",
-    "++brpg.T_S1=1",
-    "++brpg.T_S2=3",
+    "T_S1=1",
+    "T_S2=3",
     "trainer.deterministic=true",
     "callbacks.last_checkpoint=null",
     "callbacks.model_checkpoint.save_top_k=-1",  # one checkpoint per epoch

@@ -20,7 +20,7 @@ from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.base import SegmentationModule, scaled_lr
 from brpg_lightning.models.inference import EvalProtocol
 from brpg_lightning.models.output import SegmentorOutput
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, optim_node
 
 H, W = 14, 23
 
@@ -68,7 +68,7 @@ def position_tree(root: Path) -> Path:
 
 
 def module(seg: PositionSegmentor, protocol: EvalProtocol | None = None) -> SegmentationModule:
-    return SegmentationModule(seg, num_classes=3, optim={"name": "sgd", "lr": 0.1}, eval_protocol=protocol)
+    return SegmentationModule(seg, num_classes=3, optim=optim_node(lr=0.1), eval_protocol=protocol)
 
 
 def test_sliding_window_equals_whole_image_and_covers_every_pixel(tmp_path: Path) -> None:
@@ -129,8 +129,9 @@ def resolved(*overrides: str, tmp_path: Path) -> Any:
 def test_cityscapes_segformer_is_the_papers_setting(tmp_path: Path) -> None:
     cfg = resolved("dataset=cityscapes", "split=372", "model=segformer", tmp_path=tmp_path)
     o, d, b = cfg["optim"], cfg["dataset"], cfg["brpg"]
-    assert (o["name"], o["lr"], o["lr"] * o["head_lr_mult"], o["betas"], o["weight_decay"]) == (
-        "adamw", 6e-5, pytest.approx(6e-4), [0.9, 0.999], 0.01
+    f = o["optimizer"]
+    assert (f["_target_"], f["lr"], f["lr"] * o["head_lr_mult"], f["betas"], f["weight_decay"]) == (
+        "torch.optim.AdamW", 6e-5, pytest.approx(6e-4), [0.9, 0.999], 0.01
     )
     assert (d["batch_size_labeled"], d["batch_size_unlabeled"], cfg["trainer"]["max_epochs"], d["crop_size"]) == (
         8, 8, 200, 769
@@ -142,9 +143,8 @@ def test_cityscapes_segformer_is_the_papers_setting(tmp_path: Path) -> None:
 
 def test_cityscapes_deeplab_pascal_and_coco_settings(tmp_path: Path) -> None:
     city = resolved("dataset=cityscapes", "model=deeplabv3plus", tmp_path=tmp_path)
-    assert (city["optim"]["name"], city["optim"]["lr"], city["optim"]["momentum"], city["optim"]["weight_decay"]) == (
-        "sgd", 0.005, 0.9, 5e-4
-    )
+    f = city["optim"]["optimizer"]
+    assert (f["_target_"], f["lr"], f["momentum"], f["weight_decay"]) == ("torch.optim.SGD", 0.005, 0.9, 5e-4)
     # one lr for backbone and decoder: the paper names no decoder lr here, the official code multiplies by 10
     # only for pascal and coco
     assert city["optim"]["head_lr_mult"] == 1.0
@@ -153,8 +153,9 @@ def test_cityscapes_deeplab_pascal_and_coco_settings(tmp_path: Path) -> None:
     for model in ("deeplabv3plus", "segformer"):  # PASCAL: same setting for both networks
         voc = resolved("dataset=pascal", "split=1464", f"model={model}", tmp_path=tmp_path)
         o, d = voc["optim"], voc["dataset"]
-        assert (o["name"], o["lr"], o["lr"] * o["head_lr_mult"], o["momentum"], o["weight_decay"]) == (
-            "sgd", 0.001, pytest.approx(0.01), 0.9, 1e-4
+        f = o["optimizer"]
+        assert (f["_target_"], f["lr"], f["lr"] * o["head_lr_mult"], f["momentum"], f["weight_decay"]) == (
+            "torch.optim.SGD", 0.001, pytest.approx(0.01), 0.9, 1e-4
         )
         assert (d["batch_size_labeled"], d["batch_size_unlabeled"], voc["trainer"]["max_epochs"], d["crop_size"]) == (
             16, 16, 80, 513
@@ -162,7 +163,7 @@ def test_cityscapes_deeplab_pascal_and_coco_settings(tmp_path: Path) -> None:
         assert (voc["brpg"]["T_S1"], voc["brpg"]["T_S2"], d["val_mode"], d["val_crop_size"]) == (1, 2, "center_crop", 513)
     coco = resolved("dataset=coco", "split=1_64", tmp_path=tmp_path)
     assert (coco["trainer"]["max_epochs"], coco["dataset"]["val_crop_size"], coco["dataset"]["num_classes"]) == (30, 641, 81)
-    assert (coco["optim"]["lr"], coco["dataset"]["crop_size"], coco["brpg"]["T_S2"]) == (0.001, 513, 2)
+    assert (coco["optim"]["optimizer"]["lr"], coco["dataset"]["crop_size"], coco["brpg"]["T_S2"]) == (0.001, 513, 2)
     assert resolved("dataset=coco", tmp_path=tmp_path)["split"] == "1_32"  # not the YAML integer 132
 
 

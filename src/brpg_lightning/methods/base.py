@@ -17,11 +17,11 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
+from brpg_lightning.methods.optimizers import check_optim, factory_lr, optimizer_factory
 from brpg_lightning.methods.schedules import poly_lr_factor
 from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
 from brpg_lightning.models.output import SegmentorOutput, as_probabilities
 
-OPTIMIZERS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear")
 
 
@@ -49,8 +49,9 @@ class SegmentationModule(pl.LightningModule):
     Args:
         segmentor: the student network (``Segmentor``: ``forward(x) -> SegmentorOutput``, ``param_groups()``).
         num_classes: number of classes ``C``.
-        optim: optimiser settings (paper Sec. 4.1.4): ``name`` (sgd|adamw), ``lr`` (backbone),
-            ``head_lr_mult`` (10: decoder and heads), ``momentum``, ``weight_decay``, ``betas``, ``poly_power``.
+        optim: ``conf/train.yaml``'s ``optim`` node (paper Sec. 4.1.4): ``optimizer`` (a ``_partial_`` torch.optim
+            factory or its config; its ``lr`` is the backbone's), ``head_lr_mult`` (decoder and heads),
+            ``poly_power``, ``lr_scaling``, ``reference_batch``; read by :meth:`configure_optimizers`.
         sup_loss: keyword arguments of :class:`~brpg_lightning.methods.losses.SupervisedLoss` (Eq. 2 / OHEM).
         class_names: names for per-class IoU logging (default ``class_<i>``).
         sup_only_epochs: labeled-only warm-up epochs before the method's own step (:meth:`warmup_step`);
@@ -92,8 +93,6 @@ class SegmentationModule(pl.LightningModule):
         self.student = segmentor
         self.num_classes = num_classes
         self.optim_cfg = dict(optim)
-        if self.optim_cfg.get("name", "sgd") not in OPTIMIZERS:
-            raise BRPGInputError(f"optim.name={self.optim_cfg.get('name')!r}; expected one of {OPTIMIZERS}")
         self.sup_loss = SupervisedLoss(**(sup_loss or {}), ignore_index=IGNORE_INDEX)
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
@@ -210,35 +209,29 @@ class SegmentationModule(pl.LightningModule):
         return [self.student]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD (or AdamW) with backbone lr and ``head_lr_mult`` x lr for the rest; poly decay per step."""
+        """``optim.optimizer`` (SGD, AdamW, ...) over one backbone group at its lr and one head group at
+        ``head_lr_mult`` x lr per network, the lr under ``optim.lr_scaling``; poly decay per step."""
         cfg = self.optim_cfg
-        lr = float(cfg["lr"])
-        if cfg.get("lr_scaling", "none") != "none":
+        check_optim(cfg)
+        factory = optimizer_factory(cfg["optimizer"])
+        lr = base_lr = factory_lr(factory)
+        if cfg["lr_scaling"] != "none":
             trainer = self._trainer
             batch = int(getattr(getattr(trainer, "datamodule", None), "batch_size_labeled", 0) or 0)
             world = int(getattr(trainer, "world_size", 1) or 1)
-            lr = scaled_lr(lr, str(cfg["lr_scaling"]), batch, world, int(cfg.get("reference_batch", 16)))
+            lr = scaled_lr(base_lr, str(cfg["lr_scaling"]), batch, world, int(cfg["reference_batch"]))
             if trainer is None or trainer.is_global_zero:
-                print(f"optim.lr_scaling={cfg['lr_scaling']}: backbone lr {cfg['lr']} -> {lr:.6g} "
-                      f"(total labeled batch {batch} x {world} / reference {cfg.get('reference_batch', 16)})", flush=True)
+                print(f"optim.lr_scaling={cfg['lr_scaling']}: backbone lr {base_lr} -> {lr:.6g} "
+                      f"(total labeled batch {batch} x {world} / reference {cfg['reference_batch']})", flush=True)
         params = []
         for i, net in enumerate(self.trained_networks()):
             groups, prefix = net.param_groups(), "" if i == 0 else f"{self.networks[i]}/"
             params += [
                 {"params": groups["backbone"], "lr": lr, "name": f"{prefix}backbone"},
-                {"params": groups["head"], "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "name": f"{prefix}head"},
+                {"params": groups["head"], "lr": lr * float(cfg["head_lr_mult"]), "name": f"{prefix}head"},
             ]
-        if cfg.get("name", "sgd") == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=lr, momentum=float(cfg.get("momentum", 0.9)),
-                weight_decay=float(cfg.get("weight_decay", 1e-4)),
-            )
-        else:
-            opt = torch.optim.AdamW(
-                params, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                weight_decay=float(cfg.get("weight_decay", 0.01)),
-            )
-        total, power = self.total_steps, float(cfg.get("poly_power", 0.9))
+        opt = factory(params, lr=lr)  # every group has its lr; the default follows the scaled one
+        total, power = self.total_steps, float(cfg["poly_power"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: poly_lr_factor(step, total, power))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
