@@ -12,13 +12,14 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from brpg_lightning.errors import BRPGInputError, input_error_in
-from brpg_lightning.models.inference import EvalProtocol
 from brpg_lightning.methods.optimizers import check_optim
+from brpg_lightning.models.inference import EvalProtocol
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     (CSV logger), and ``metrics.json`` with the final and best mIoU.
     """
     check_run(cfg)
+    threads = cfg.get("num_threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, class_names=datamodule.class_names)
@@ -119,6 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     summary = {
         "final_mIoU": metrics.get("val/mIoU", float("nan")),
         "best_mIoU": float(best) if best is not None else float("nan"),
+        "warmup_best_mIoU": module.warmup_best,
         "best_checkpoint": getattr(checkpoint_cb, "best_model_path", ""),
         "last_checkpoint": getattr(last_cb, "best_model_path", ""),
         "metrics": metrics,
@@ -171,6 +176,9 @@ def check_run(cfg: DictConfig) -> None:
     if optim is not None:
         check_optim(optim)
     check_warmup_before_sampling(cfg)
+    threads = cfg.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise BRPGInputError(f"num_threads={threads!r}; expected an integer >= 1 (torch intra-op threads) or null")
 
 
 def run(cfg: DictConfig) -> float:
@@ -178,12 +186,28 @@ def run(cfg: DictConfig) -> float:
     check_config(cfg)
     summary, _ = train(cfg)
     log.info("run directory: %s", output_dir(cfg))
-    print(
-        f"final val/mIoU = {summary['final_mIoU']:.4f} (last epoch; best {summary['best_mIoU']:.4f}, the one the "
-        f"official U2PL-based code keeps and reports; checkpoint {summary['best_checkpoint']})",
-        flush=True,
-    )
+    print(final_report(summary), flush=True)
     return summary["final_mIoU"]
+
+
+def final_report(summary: dict[str, Any]) -> str:
+    """The end of a run: the per-class IoU of the last validation, then the final mIoU as the last line, beside
+    the labeled-only warm-up's best (what the unlabeled data added) and the best epoch's.
+
+    Example:
+        >>> print(final_report({"final_mIoU": 0.5, "best_mIoU": 0.52, "warmup_best_mIoU": 0.4,
+        ...                     "best_checkpoint": "b.ckpt", "metrics": {"val/IoU/bg": 0.9, "val/IoU/cat": 0.1}}))
+        per-class IoU (last validation): bg 0.9000 | cat 0.1000
+        final val/mIoU = 0.5000 (last epoch; labeled-only warm-up best 0.4000, so +0.1000 from the unlabeled data; best epoch 0.5200, checkpoint b.ckpt)
+    """
+    ious = {k[len("val/IoU/"):]: v for k, v in summary.get("metrics", {}).items() if k.startswith("val/IoU/")}
+    lines = ["per-class IoU (last validation): " + " | ".join(f"{k} {v:.4f}" for k, v in ious.items())] if ious else []
+    final, warmup = summary["final_mIoU"], summary.get("warmup_best_mIoU")
+    versus = "" if warmup is None else (
+        f"labeled-only warm-up best {warmup:.4f}, so {final - warmup:+.4f} from the unlabeled data; ")
+    lines.append(f"final val/mIoU = {final:.4f} (last epoch; {versus}best epoch {summary['best_mIoU']:.4f}, "
+                 f"checkpoint {summary['best_checkpoint']})")
+    return "\n".join(lines)
 
 
 __all__ = ["train", "run", "build_module", "build_datamodule", "build_callbacks", "check_run", "hydra"]

@@ -10,6 +10,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from brpg_lightning.config import config_dir
+from brpg_lightning.errors import BRPGInputError
 from tests.conftest import compose_cfg
 
 CONF = config_dir()
@@ -124,3 +125,13 @@ def test_split_flows_into_the_dataset(tmp_path: Path) -> None:
     cfg = compose_cfg("split=32", output_dir=tmp_path)
     assert cfg.dataset.split == 32 and cfg.dataset.synthetic.split == 32
     assert str(cfg.dataset.root).endswith("split32")
+
+
+def test_num_threads_is_fixed_by_the_synthetic_preset_and_validated(tmp_path: Path) -> None:
+    from brpg_lightning.train import check_run
+
+    assert compose_cfg(output_dir=tmp_path).num_threads == 2  # one run per seed on any machine of 2+ cores
+    assert compose_cfg("dataset=folder", "dataset.num_classes=3", output_dir=tmp_path).num_threads is None
+    for bad in ("0", "-1", "true"):
+        with pytest.raises(BRPGInputError, match="num_threads"):
+            check_run(compose_cfg(f"num_threads={bad}", output_dir=tmp_path))

@@ -280,7 +280,12 @@ class SegmentationModule(pl.LightningModule):
         self.val_iou.update(preds, masks)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/mIoU", self.val_miou.compute(), prog_bar=True, sync_dist=False)
+        miou = self.val_miou.compute()
+        trainer = self._trainer
+        if (trainer is not None and not trainer.sanity_checking and self.current_epoch < self.sup_only_epochs
+                and self.uses_unlabeled):  # the labeled-only model the unlabeled data is measured against
+            self.warmup_best = max(float(miou), self.warmup_best if self.warmup_best is not None else -1.0)
+        self.log("val/mIoU", miou, prog_bar=True, sync_dist=False)
         for name, iou in zip(self.class_names, self.val_iou.compute(), strict=True):
             self.log(f"val/IoU/{name}", iou)
         self.val_miou.reset()
@@ -289,9 +294,17 @@ class SegmentationModule(pl.LightningModule):
     test_step = validation_step
 
     # ------------------------------------------------------------------ checkpoints
+    warmup_best: float | None = None
+    """Best val mIoU of the labeled-only warm-up (``sup_only_epochs``), None before one ran or without a warm-up:
+    what the run's final mIoU is compared with at the end (saved in checkpoints as ``warmup_best_mIoU``)."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.warmup_best = checkpoint.get("warmup_best_mIoU")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the ``inference`` block (class names, palette, normalisation, model config, which weights are
         evaluated) so ``predict`` and ``export`` need no dataset; see :mod:`brpg_lightning.checkpoint`."""
+        checkpoint["warmup_best_mIoU"] = self.warmup_best
         run_config = self.hparams.get("run_config")
         if not run_config or "model" not in run_config:
             return
