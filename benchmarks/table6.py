@@ -123,11 +123,21 @@ def run_dir(out: Path, row: str, seed: int) -> Path:
     return out / f"{row}-s{seed}"
 
 
-def train(out: Path, row: str, seed: int, extra: list[str]) -> None:
-    """One training process (skipped when the cell already finished)."""
+def train(out: Path, row: str, seed: int, extra: list[str], lock: Path | None = None) -> None:
+    """One training process (skipped when the cell already finished), holding ``lock`` (an exclusive
+    ``flock``) while it runs, so that it never shares the cores with another heavy job that takes the lock."""
     target = run_dir(out, row, seed)
     if (target / "metrics.json").is_file():
         return
+    if lock is not None:
+        import fcntl
+
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                return train(out, row, seed, extra)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
     cmd = [sys.executable, "-m", "brpg_lightning", *ROWS[row][1], *extra, f"seed={seed}", f"hydra.run.dir={target}",
            "trainer.enable_progress_bar=false"]
     target.mkdir(parents=True, exist_ok=True)
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_results/table6"))
     parser.add_argument("--streams", type=int, default=1, help="cells trained side by side")
     parser.add_argument("--extra", action="append", default=[], help="more Hydra overrides for every cell")
+    parser.add_argument("--lock", type=Path, default=None, help="hold this flock file during each cell")
     parser.add_argument("--render", type=Path, default=None, help="render the table into this markdown file")
     parser.add_argument("--report", action="store_true", help="only read existing runs")
     args = parser.parse_args(argv)
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         cells = [(row, seed) for seed in seeds for row in rows]
         with ThreadPoolExecutor(max_workers=max(1, args.streams)) as pool:
-            list(pool.map(lambda c: train(args.out, c[0], c[1], args.extra), cells))
+            list(pool.map(lambda c: train(args.out, c[0], c[1], args.extra, args.lock), cells))
     results = collect(args.out, seeds)
     table = render(results, seeds)
     record = {
