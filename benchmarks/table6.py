@@ -138,8 +138,7 @@ def train(out: Path, row: str, seed: int, extra: list[str], lock: Path | None = 
                 return train(out, row, seed, extra)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-    cmd = [sys.executable, "-m", "brpg_lightning", *ROWS[row][1], *extra, f"seed={seed}", f"hydra.run.dir={target}",
-           "trainer.enable_progress_bar=false"]
+    cmd = [sys.executable, "-m", "brpg_lightning", *ROWS[row][1], *extra, f"seed={seed}", f"hydra.run.dir={target}"]
     target.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
