@@ -77,9 +77,9 @@ def make_callback(stage: str, module: MeanTeacher, batch: dict) -> BRPGCallback:
             with torch.no_grad():
                 cb.on_train_step_context(None, module, module.method_step(batch))
         cb.T_S2 = 3
-        cb.cluster(None, module, 0)
-        cb.eta_0 = cb.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
-    cb.eta_s = 0.8
+        cb.memory.cluster(0, module.device)
+        cb.memory.eta_0 = cb.memory.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
+    cb.memory.eta_s = 0.8
     return cb
 
 
@@ -178,11 +178,11 @@ def run_default(quick: bool) -> tuple[list[str], tuple[float, float]]:
     variants["mean teacher"](batch, opt, 0)  # the teacher is copied from the student at the first MT step
     with torch.no_grad():  # an untrained model is not confident: split the banks at its median confidence
         out = module.student(batch["labeled"]["image"])
-        proto_cb.eta_s = float(torch.softmax(out.logits, 1).max(1).values.median())
+        proto_cb.memory.eta_s = float(torch.softmax(out.logits, 1).max(1).values.median())
     for i in range(3):  # banks from real sampling steps, then clustering once (not timed)
         RealStep(module, [proto_cb], t_s1)(default_batch(cfg, seed=1 + i), opt, i)
-    proto_cb.cluster(None, module, 0)
-    proto_cb.eta_0 = proto_cb.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
+    proto_cb.memory.cluster(0, module.device)
+    proto_cb.memory.eta_0 = proto_cb.memory.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
     times: dict[str, list[float]] = {k: [] for k in variants}
     for step in variants.values():  # warm-up
         step(batch, opt, 0)

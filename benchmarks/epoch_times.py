@@ -22,6 +22,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from brpg_lightning.brpg.callback import brpg_callbacks
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ class EpochTimer(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         elapsed = time.perf_counter() - self.start
         self.rows.append((int(trainer.current_epoch), elapsed))
-        brpg = next((c for c in trainer.callbacks if hasattr(c, "T_S2")), None)
+        brpg = next(iter(brpg_callbacks(trainer).values()), None)
         header = f"# brpg {getattr(brpg, 'name', 'none')} T_S1 {getattr(brpg, 'T_S1', -1)} " \
                  f"T_S2 {getattr(brpg, 'T_S2', -1)} sup_only_epochs {getattr(pl_module, 'sup_only_epochs', 0)}"
         lines = [header] + [f"epoch {e} {t:.3f} s" for e, t in self.rows]

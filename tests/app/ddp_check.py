@@ -13,21 +13,34 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from brpg_lightning.callbacks.progress import brpg_callback
+from brpg_lightning.brpg.callback import brpg_callbacks
+from brpg_lightning.brpg.prototype_memory import PrototypeMemory
 
 
-def brpg_state(cb: Any) -> dict[str, Any]:
-    """The callback's tensors: banks (features, labels, fill) while sampling, prototypes after clustering."""
+def memory_state(memory: PrototypeMemory) -> dict[str, Any]:
+    """The memory's tensors: banks (features, labels, fill) while sampling, prototypes after clustering."""
     out: dict[str, Any] = {}
     for name in ("bank_high", "bank_low"):
-        bank = getattr(cb, name, None)
+        bank = getattr(memory, name)
         if bank is not None:
             out[name] = {k: v.detach().cpu().clone() for k, v in bank.state_dict().items()}
     for name in ("prototypes", "proto_mask", "thresholds"):
-        t = getattr(cb, name, None)
+        t = getattr(memory, name)
         if t is not None:
             out[name] = t.detach().cpu().clone()
     return out
+
+
+def brpg_state(trainer: pl.Trainer, clustered: bool = False) -> dict[str, Any]:
+    """:func:`memory_state` of the trainer's BRPG (with ``last_stats`` when ``clustered``); with several networks
+    (CPS) one such dict per network name."""
+    def one(memory: PrototypeMemory) -> dict[str, Any]:
+        return {**memory_state(memory), **({"last_stats": dict(memory.last_stats)} if clustered else {})}
+
+    cbs = brpg_callbacks(trainer)
+    if len(cbs) == 1:
+        return one(next(iter(cbs.values())).memory)
+    return {network: one(cb.memory) for network, cb in cbs.items()}
 
 
 class RankStateDump(pl.Callback):
@@ -46,15 +59,14 @@ class RankStateDump(pl.Callback):
         torch.save(payload, self.dirpath / f"rank{trainer.global_rank}_{tag}.pt")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        cb = brpg_callback(trainer)
-        if cb is None or self.clustered or getattr(cb, "prototypes", None) is None:
+        cbs = brpg_callbacks(trainer)
+        if not cbs or self.clustered or any(cb.memory.prototypes is None for cb in cbs.values()):
             return
         self.clustered = True
-        self._dump(trainer, "clustered", {**brpg_state(cb), "last_stats": dict(getattr(cb, "last_stats", {}))})
+        self._dump(trainer, "clustered", brpg_state(trainer, clustered=True))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cb = brpg_callback(trainer)
-        state = brpg_state(cb) if cb is not None else {}
+        state = brpg_state(trainer)
         state["batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
         state["world_size"] = int(trainer.world_size)
         state["loader_batches"] = {k: len(v) for k, v in trainer.train_dataloader.items()}  # per rank, unlimited

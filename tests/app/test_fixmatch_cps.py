@@ -159,7 +159,7 @@ def test_param_groups_heads_at_10x_for_every_network() -> None:
 # ---------------------------------------------------------------- the real entry point (slow)
 @pytest.mark.slow
 def test_fixmatch_and_cps_train_with_brpg_through_clustering(tiny_cfg, tmp_path) -> None:
-    from brpg_lightning.brpg.callback import BRPGCallback
+    from brpg_lightning.brpg.callback import brpg_callbacks
     from brpg_lightning.train import build_module, train
 
     cfg = tiny_cfg("method=cps", "brpg=cpg_apo")
@@ -172,14 +172,14 @@ def test_fixmatch_and_cps_train_with_brpg_through_clustering(tiny_cfg, tmp_path)
         cfg = tiny_cfg(f"method={method}", "brpg=cpg_apo", f"paths.output_dir={tmp_path / method}")
         summary, objects = train(cfg)
         assert math.isfinite(summary["final_mIoU"])
-        brpg = [c for c in objects["trainer"].callbacks if isinstance(c, BRPGCallback)]
+        brpg = list(brpg_callbacks(objects["trainer"]).values())
         names = ["student"] if method == "fixmatch" else ["net1", "net2"]
         assert [c.network for c in brpg] == names
         for cb in brpg:
-            assert cb.prototypes is not None and bool(cb.proto_mask.any())  # clustered at T_S2
+            assert cb.memory.prototypes is not None and bool(cb.memory.proto_mask.any())  # clustered at T_S2
         metrics = summary["metrics"]
         if method == "cps":
-            assert not torch.equal(brpg[0].prototypes, brpg[1].prototypes)
+            assert not torch.equal(brpg[0].memory.prototypes, brpg[1].memory.prototypes)
             assert {"brpg/net1/L_pro_l", "brpg/net2/L_pro_l", "train/net1/L_cps", "train/net2/L_pro"} <= set(metrics)
             assert (tmp_path / "cps" / "brpg" / "snapshot_net2.pt").is_file()
             ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=False)

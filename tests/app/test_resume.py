@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from brpg_lightning.brpg.callback import brpg_callbacks
 from tests.conftest import TINY, compose_cfg
 
 EPOCHS = 5
@@ -38,8 +39,7 @@ def _run(out: Path, data: Path, *extra: str):
 
     cfg = compose_cfg(*RESUME, f"dataset.root={data}", *extra, output_dir=out)
     summary, objects = train(cfg)
-    brpg = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "BRPGCallback")
-    return summary, objects["module"], brpg
+    return summary, objects["module"], brpg_callbacks(objects["trainer"])["student"].memory
 
 
 def _assert_same_state(a, b) -> None:  # noqa: ANN001

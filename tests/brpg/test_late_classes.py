@@ -1,4 +1,4 @@
-"""BRPGCallback: prototypes for classes absent at T_S2 (late classes), prototype_init, statistics()."""
+"""PrototypeMemory: prototypes for classes absent at T_S2 (late classes), prototype_init, statistics."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from brpg_lightning.brpg.callback import BRPGCallback
 from brpg_lightning.brpg.clustering import kmeans, random_centers
+from brpg_lightning.brpg.prototype_memory import PrototypeMemory
 from brpg_lightning.brpg.prototype_update import assignment_stats, ema_update
+from brpg_lightning.brpg.report import statistics
 from brpg_lightning.brpg.sampling import gather_points, grid_points, sample_points
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.models.output import SegmentorOutput
-from tests.brpg.test_callback import C, D, H, S, StubModule, W, make_callback, make_ctx
+from tests.brpg.steps import C, D, H, S, W, make_ctx, make_memory
 from tests.brpg.test_distributed import _free_port
 
 LATE = 3  # the class that never reaches a bank
@@ -52,16 +53,22 @@ def ctx_with(epoch: int, step: int, seed: int, late_cells: int = 0, grad: bool =
     )
 
 
-def make_late_callback(**kwargs) -> BRPGCallback:
-    return make_callback(grid=GRID, **kwargs)
+def make_late_memory(**kwargs) -> PrototypeMemory:
+    return make_memory(grid=GRID, **kwargs)
 
 
-def sampled_then_clustered(**kwargs) -> tuple[BRPGCallback, StubModule]:
-    cb, module = make_late_callback(**kwargs), StubModule()
+def first_prototype_step(memory: PrototypeMemory, ctx: TrainStepContext):  # noqa: ANN201 - a PrototypeStep
+    """Clustering, then the step's L_pro and update: the first step of ``T_S2``."""
+    memory.cluster(ctx.global_step)
+    return memory.prototype_step(ctx)
+
+
+def sampled_then_clustered(**kwargs) -> PrototypeMemory:
+    memory = make_late_memory(**kwargs)
     for step in range(3):
-        cb.on_train_step_context(None, module, ctx_with(1, step, seed=step))
-    cb.on_train_step_context(None, module, ctx_with(2, 3, seed=3))  # clusters, class LATE still absent
-    return cb, module
+        memory.sample(ctx_with(1, step, seed=step))
+    first_prototype_step(memory, ctx_with(2, 3, seed=3))  # clusters, class LATE still absent
+    return memory
 
 
 def labeled_points(ctx: TrainStepContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,100 +79,104 @@ def labeled_points(ctx: TrainStepContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_late_class_gets_prototypes_from_its_first_labeled_points_then_follows_the_ema() -> None:
-    cb, module = sampled_then_clustered()
-    assert cb.missing == [LATE] and not bool(cb.proto_mask[LATE].any())
-    assert cb.statistics()["classes_without_prototypes"] == [LATE]
-    need = cb.n0_h + cb.n0_lw
+    memory = sampled_then_clustered()
+    assert memory.missing == [LATE] and not bool(memory.proto_mask[LATE].any())
+    assert statistics(memory, "prototype", 2)["classes_without_prototypes"] == [LATE]
+    need = memory.n0_h + memory.n0_lw
     # fewer labeled points of the class than prototypes: still none
-    cb.on_train_step_context(None, module, ctx_with(2, 4, seed=4, late_cells=need - 1))
-    assert cb.missing == [LATE] and int(cb.init_step[LATE]) == -1
+    assert memory.prototype_step(ctx_with(2, 4, seed=4, late_cells=need - 1)).late_classes == []
+    assert memory.missing == [LATE] and int(memory.init_step[LATE]) == -1
 
     ctx = ctx_with(2, 5, seed=5, late_cells=need + 2, grad=True)
-    before = cb.prototypes.clone()
+    before = memory.prototypes.clone()
     f, y = labeled_points(ctx)
     expected = kmeans(f[y == LATE].unsqueeze(0), torch.ones(1, need + 2, dtype=torch.bool),
-                      torch.tensor([need]), iters=cb.kmeans_iters, seed=cb.kmeans_seed)
-    cb.on_train_step_context(None, module, ctx)
-    assert cb.missing == [] and int(cb.init_step[LATE]) == 5
-    k_max = cb.prototypes.shape[1] // 2
+                      torch.tensor([need]), iters=memory.kmeans_iters, seed=memory.kmeans_seed)
+    step = memory.prototype_step(ctx)
+    assert step.late_classes == [LATE]
+    assert memory.missing == [] and int(memory.init_step[LATE]) == 5
+    k_max = memory.prototypes.shape[1] // 2
     slots = [0, 1, k_max, k_max + 1]  # n0_h = 2 high slots, then n0_lw = 2 low slots
-    assert cb.proto_mask[LATE].nonzero().flatten().tolist() == slots
-    assert cb.proto_bank[LATE, slots].tolist() == [0, 0, 1, 1]
+    assert memory.proto_mask[LATE].nonzero().flatten().tolist() == slots
+    assert memory.proto_bank[LATE, slots].tolist() == [0, 0, 1, 1]
     # initialised in this step, then moved once by Eq. (22) with this step's features
     init = before.clone()
     init[LATE, slots] = expected.centers[0, :need]
     # (pseudo-labels never hold LATE, so only the labeled points move its prototypes)
-    sums, counts = assignment_stats(f, y, init, cb.proto_mask)
-    ref = ema_update(init, sums, counts, cb.prototype_ema)
-    assert torch.allclose(cb.prototypes[LATE], ref[LATE], atol=1e-5)
-    centre = cb.prototypes[LATE, slots].mean(0)
+    sums, counts = assignment_stats(f, y, init, memory.proto_mask)
+    ref = ema_update(init, sums, counts, memory.prototype_ema)
+    assert torch.allclose(memory.prototypes[LATE], ref[LATE], atol=1e-5)
+    centre = memory.prototypes[LATE, slots].mean(0)
     assert int((centre - CENTRES).norm(dim=1).argmin()) == LATE  # in the late class's region
     # it joins L_pro in the same step: the loss depends on the late class's features
-    ctx.losses["L_pro"].backward()
+    step.loss.backward()
     late_rows = (ctx.labels[0, ::S, ::S] == LATE)
     assert ctx.labeled.features.grad[0][:, late_rows].abs().sum() > 0
-    stats = cb.statistics()
+    stats = statistics(memory, "prototype", 2)
     assert stats["classes_without_prototypes"] == [] and stats["prototypes_per_class"][LATE] == need
     assert stats["init_step"][LATE] == 5 and stats["init_step"][0] == 3
 
 
 def test_late_initialisation_resumes_exactly_from_the_state_dict() -> None:
-    cb, module = sampled_then_clustered()
-    cb.on_train_step_context(None, module, ctx_with(2, 4, seed=4, late_cells=6))
+    memory = sampled_then_clustered()
+    memory.prototype_step(ctx_with(2, 4, seed=4, late_cells=6))
     buf = io.BytesIO()
-    torch.save(cb.state_dict(), buf)
+    torch.save(memory.state_dict(), buf)
     buf.seek(0)
-    restored = make_late_callback()
+    restored = make_late_memory()
     restored.load_state_dict(torch.load(buf, weights_only=True))
-    assert restored.missing == [] and torch.equal(restored.init_step, cb.init_step)
-    assert str(restored.statistics()) == str(cb.statistics())  # str: NaN dispersions compare equal
-    for run in (cb, restored):
+    assert restored.missing == [] and torch.equal(restored.init_step, memory.init_step)
+    # str: NaN dispersions compare equal
+    assert str(statistics(restored, "prototype", 2)) == str(statistics(memory, "prototype", 2))
+    for run in (memory, restored):
         torch.manual_seed(0)
-        run.on_train_step_context(None, module, ctx_with(2, 5, seed=5, late_cells=1))
-    assert torch.equal(cb.prototypes, restored.prototypes)
+        run.prototype_step(ctx_with(2, 5, seed=5, late_cells=1))
+    assert torch.equal(memory.prototypes, restored.prototypes)
 
     # saved before the class appeared: the restored run still knows it lacks prototypes
-    cb2, module2 = sampled_then_clustered()
-    restored2 = make_late_callback()
-    restored2.load_state_dict(cb2.state_dict())
+    memory2 = sampled_then_clustered()
+    restored2 = make_late_memory()
+    restored2.load_state_dict(memory2.state_dict())
     assert restored2.missing == [LATE]
-    for run in (cb2, restored2):
+    for run in (memory2, restored2):
         torch.manual_seed(0)
-        run.on_train_step_context(None, module2, ctx_with(2, 4, seed=4, late_cells=6))
-    assert torch.equal(cb2.prototypes, restored2.prototypes) and restored2.missing == []
+        run.prototype_step(ctx_with(2, 4, seed=4, late_cells=6))
+    assert torch.equal(memory2.prototypes, restored2.prototypes) and restored2.missing == []
 
 
 def test_clustering_with_empty_banks_recovers_through_late_initialisation() -> None:
-    cb, module = make_late_callback(), StubModule()
-    cb.on_train_step_context(None, module, ctx_with(2, 0, seed=0, late_cells=6))  # no sampling step ran
-    assert cb.prototypes.shape[-1] == D  # re-allocated in the feature space
+    memory = make_late_memory()
+    clustering = memory.cluster(0)  # no sampling step ran
+    assert "empty banks" in clustering.warnings[0] and len(clustering.warnings) == 1 + C  # and one per class
+    memory.prototype_step(ctx_with(2, 0, seed=0, late_cells=6))
+    assert memory.prototypes.shape[-1] == D  # re-allocated in the feature space
     # classes 0..2 are on a 3x3 grid of 2 images: each has >= 4 points with this seed, LATE has 6
-    counts = cb.proto_mask.sum(1)
+    counts = memory.proto_mask.sum(1)
     f, y = labeled_points(ctx_with(2, 0, seed=0, late_cells=6))
     have = torch.bincount(y, minlength=C) >= 4
     assert torch.equal(counts > 0, have) and torch.equal(counts[have], torch.full((int(have.sum()),), 4))
 
 
 def test_random_prototype_init_picks_bank_features() -> None:
-    cb, module = make_callback(prototype_init="random"), StubModule()
+    memory = make_memory(prototype_init="random")
     for step in range(3):
-        cb.on_train_step_context(None, module, make_ctx_all(1, step))
-    bank = {"high": cb.bank_high, "low": cb.bank_low}
+        memory.sample(make_ctx_all(1, step))
+    bank = {"high": memory.bank_high, "low": memory.bank_low}
     rows = {name: [b.get(c).float() for c in range(C)] for name, b in bank.items()}
-    cb.cluster(None, module, 3)
-    k_max = cb.prototypes.shape[1] // 2
+    memory.cluster(3)
+    k_max = memory.prototypes.shape[1] // 2
     for c in range(C):
-        for slot in cb.proto_mask[c].nonzero().flatten().tolist():
+        for slot in memory.proto_mask[c].nonzero().flatten().tolist():
             source = rows["high" if slot < k_max else "low"][c]
-            assert (source - cb.prototypes[c, slot]).abs().amax(1).min() == 0  # an exact bank row
-    km = make_callback()
+            assert (source - memory.prototypes[c, slot]).abs().amax(1).min() == 0  # an exact bank row
+    km = make_memory()
     for step in range(3):
-        km.on_train_step_context(None, module, make_ctx_all(1, step))
-    km.cluster(None, module, 3)
-    assert torch.equal(km.proto_mask.sum(1), cb.proto_mask.sum(1))  # same counts (APO alike)
-    assert not torch.allclose(km.prototypes, cb.prototypes)
+        km.sample(make_ctx_all(1, step))
+    km.cluster(3)
+    assert torch.equal(km.proto_mask.sum(1), memory.proto_mask.sum(1))  # same counts (APO alike)
+    assert not torch.allclose(km.prototypes, memory.prototypes)
     with pytest.raises(BRPGInputError, match="prototype_init"):
-        BRPGCallback(prototype_init="kmeans++")
+        PrototypeMemory(prototype_init="kmeans++")
 
 
 def make_ctx_all(epoch: int, step: int) -> TrainStepContext:
@@ -194,55 +205,19 @@ def test_random_centers_against_a_brute_force_reference() -> None:
     assert torch.equal(again.centers, res.centers) and not torch.equal(other.centers, res.centers)
 
 
-class EpochTrainer:
-    def __init__(self, epoch: int) -> None:
-        self.current_epoch = epoch
-
-
-def test_statistics_and_epoch_logging_follow_the_state() -> None:
-    cb, module = make_callback(), StubModule()
-    cb.on_train_epoch_end(EpochTrainer(0), module)
-    assert module.logged["brpg/stage"] == 0 and module.logged["brpg/classes_without_prototypes"] == C
-    for step in range(3):
-        cb.on_train_step_context(None, module, make_ctx_all(1, step))
-    cb.on_train_epoch_end(EpochTrainer(1), module)
-    fill_h = cb.bank_high.fill().tolist()
-    assert module.logged["brpg/stage"] == 1
-    assert [module.logged[f"brpg/bank_fill_high/{c}"] for c in range(C)] == fill_h
-    assert cb.statistics()["bank_fill"]["low"] == cb.bank_low.fill().tolist()
-    cb.on_train_step_context(None, module, make_ctx_all(2, 3))
-    cb.on_train_step_context(None, module, make_ctx_all(2, 50))
-    module.logged.clear()
-    cb.on_train_epoch_end(EpochTrainer(2), module)
-    stats = cb.statistics()
-    assert stats["stage"] == "prototype" and stats["bank_fill"]["high"] == fill_h  # fill at clustering
-    counts = cb.proto_mask.sum(1).tolist()
-    assert stats["prototypes_per_class"] == counts and module.logged["brpg/prototypes_total"] == sum(counts)
-    assert module.logged["brpg/classes_without_prototypes"] == 0
-    for bank in ("high", "low"):
-        extra = stats["apo_extra"][bank]
-        assert stats["apo_picks"][bank] == [c for c in range(C) if extra[c] > 0]
-        assert [module.logged[f"brpg/apo_extra_{bank}/{c}"] for c in range(C)] == extra
-        assert [module.logged[f"brpg/dispersion_{bank}/{c}"] for c in range(C)] == pytest.approx(
-            stats["dispersion"][bank])
-    # Eq. (19) at the last prototype step (step 50 of 100, started at 3)
-    assert module.logged["brpg/eta_t_epoch"] == pytest.approx(0.8 + 0.15 * 47 / 97)
-    assert stats["eta_t"] == pytest.approx(0.8 + 0.15 * 47 / 97)
-
-
 def _ddp_late(rank: int, world: int, port: int, results: dict) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank)
-        cb, module = make_late_callback(), StubModule()
+        memory = make_late_memory()
         for step in range(3):
-            cb.on_train_step_context(None, module, ctx_with(1, step, seed=10 * step + rank))
-        cb.on_train_step_context(None, module, ctx_with(2, 3, seed=40 + rank))
+            memory.sample(ctx_with(1, step, seed=10 * step + rank))
+        first_prototype_step(memory, ctx_with(2, 3, seed=40 + rank))
         # only rank 1 sees the late class, 3 points: alone too few (4 needed), with rank 0's 1 point enough
-        cb.on_train_step_context(None, module, ctx_with(2, 4, seed=50 + rank, late_cells=1 + 2 * rank))
-        results[rank] = {"protos": cb.prototypes.clone(), "mask": cb.proto_mask.clone(),
-                         "init": cb.init_step.clone()}
+        memory.prototype_step(ctx_with(2, 4, seed=50 + rank, late_cells=1 + 2 * rank))
+        results[rank] = {"protos": memory.prototypes.clone(), "mask": memory.proto_mask.clone(),
+                         "init": memory.init_step.clone()}
     finally:
         dist.destroy_process_group()
 

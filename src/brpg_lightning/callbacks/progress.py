@@ -12,21 +12,16 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 
+from brpg_lightning.brpg.callback import BRPGCallback, brpg_callbacks
+
 BAR_KEYS = {"train/L_s": "L_s", "train/L_u": "L_u", "train/L_pro": "L_pro", "brpg/eta_t": "eta_t"}
 """Logged metric -> short name on the bar (values of the latest step)."""
 
 
-def brpg_callback(trainer: pl.Trainer) -> Any | None:
-    """The trainer's BRPG callback (anything with ``stage(epoch)``, ``T_S1`` and ``T_S2``), or None."""
-    for cb in trainer.callbacks:
-        if callable(getattr(cb, "stage", None)) and hasattr(cb, "T_S1") and hasattr(cb, "T_S2"):
-            return cb
-    return None
-
-
 def current_stage(trainer: pl.Trainer) -> str | None:
-    """``pretrain`` | ``sampling`` | ``prototype`` for the current epoch, None without BRPG."""
-    cb = brpg_callback(trainer)
+    """``pretrain`` | ``sampling`` | ``prototype`` for the current epoch, None without BRPG (every network's
+    callback has the same ``T_S1``/``T_S2``: one config builds them all)."""
+    cb = next(iter(brpg_callbacks(trainer).values()), None)
     return None if cb is None else cb.stage(trainer.current_epoch)
 
 
@@ -52,9 +47,10 @@ class StageMessages(pl.Callback):
         self.announced: str | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cb = brpg_callback(trainer)
-        if cb is None:
+        cbs = brpg_callbacks(trainer)
+        if not cbs:
             return
+        cb = next(iter(cbs.values()))
         stage = cb.stage(trainer.current_epoch)
         if stage == self.announced:
             return
@@ -62,20 +58,28 @@ class StageMessages(pl.Callback):
             self._say(f"pretrain: epochs 0-{cb.T_S1 - 1} (mean teacher, no prototypes)")
         elif stage == "sampling":
             self._say(f"sampling: epochs {cb.T_S1}-{cb.T_S2 - 1} fill the memory banks")
-        elif getattr(cb, "prototypes", None) is not None:  # resumed inside the prototype stage
-            self._say(f"prototype: epoch {trainer.current_epoch} (resumed with {int(cb.proto_mask.sum())} prototypes)")
+        elif all(c.memory.prototypes is not None for c in cbs.values()):  # resumed inside the prototype stage
+            self._say(f"prototype: epoch {trainer.current_epoch} (resumed with {_prototypes(cbs)})")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.announced == "prototype":
             return
-        cb = brpg_callback(trainer)
-        if cb is None or cb.stage(trainer.current_epoch) != "prototype" or getattr(cb, "prototypes", None) is None:
+        cbs = brpg_callbacks(trainer)
+        if not cbs or any(
+            c.stage(trainer.current_epoch) != "prototype" or c.memory.prototypes is None for c in cbs.values()
+        ):
             return
-        seconds = float(getattr(cb, "last_stats", {}).get("seconds", float("nan")))
-        self._say(
-            f"prototype: from epoch {cb.T_S2}, {int(cb.proto_mask.sum())} prototypes, clustering took {seconds:.2f} s"
-        )
+        seconds = sum(float(c.memory.last_stats.get("seconds", float("nan"))) for c in cbs.values())
+        t_s2 = next(iter(cbs.values())).T_S2
+        self._say(f"prototype: from epoch {t_s2}, {_prototypes(cbs)}, clustering took {seconds:.2f} s")
 
     def _say(self, text: str) -> None:
         self.announced = text.split(":", 1)[0]
         rank_zero_info(f"stage {text}")
+
+
+def _prototypes(cbs: dict[str, BRPGCallback]) -> str:
+    """The prototype count, per network when there are several (CPS: ``24 prototypes (net1 12, net2 12)``)."""
+    counts = {net: int(cb.memory.proto_mask.sum()) for net, cb in cbs.items()}
+    total = f"{sum(counts.values())} prototypes"
+    return total if len(counts) == 1 else f"{total} ({', '.join(f'{n} {c}' for n, c in counts.items())})"
