@@ -70,10 +70,5 @@ def test_baselines_train_in_process(tiny_cfg, experiment: str, tmp_path: Path) -
     cfg = tiny_cfg(f"experiment={experiment}", "trainer.max_epochs=1", f"dataset.root={tmp_path / experiment}")
     summary, objects = train(cfg)
     assert 0.0 <= summary["final_mIoU"] <= 1.0
-    # the last line's comparison: the labeled-only warm-up (TINY: epoch 0) is the best val mIoU of its epochs
-    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
-    warmup = [float(r["val/mIoU"]) for r in rows if r.get("val/mIoU") and int(float(r["epoch"])) < 1]
-    assert warmup and summary["warmup_best_mIoU"] == pytest.approx(max(warmup))
-    assert f"labeled-only warm-up best {max(warmup):.4f}" in last_line
-    assert "per-class IoU (last validation): background " in proc.stdout
+    assert summary["warmup_best_mIoU"] is None  # labeled-only methods have no warm-up to compare with
     assert not objects["module"].uses_unlabeled
