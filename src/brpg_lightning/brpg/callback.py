@@ -45,8 +45,8 @@ class BRPGCallback(pl.Callback):
         network: the method network this instance serves (``TrainStepContext.network``); other contexts are
             ignored. CPS gets one instance per network: own state key, ``brpg/<network>/`` log keys and
             ``snapshot_<network>.pt``.
-        The others configure :class:`~brpg_lightning.brpg.prototype_memory.PrototypeMemory` (documented
-        there, with the paper's equations and defaults).
+        **memory_options: the other ``brpg.*`` keys, :class:`~brpg_lightning.brpg.prototype_memory.PrototypeMemory`'s
+            keyword arguments (documented there, with the paper's equations and defaults).
     """
 
     def __init__(
@@ -54,40 +54,10 @@ class BRPGCallback(pl.Callback):
         name: str = "cpg_apo",
         T_S1: int = 1,
         T_S2: int = 2,
-        eta_s: float = 0.8,
-        class_thresholds: bool = False,
-        threshold_decay: float = 0.999,
-        threshold_low: float = 0.7,
-        threshold_high: float = 0.9,
-        threshold_fixed_classes: list[int] | tuple[int, ...] = (),
-        sample_num: int = 5000,
-        V: int = 30000,
-        storage_dtype: str = "float16",
-        banks: str = "confidence",
-        n0_h: int = 2,
-        n0_lw: int = 2,
-        apo: bool = True,
-        alpha_t: float = 0.05,
-        n_add: int = 1,
-        indicator: str = "cosine",
-        apo_count: str = "paper",
-        kmeans_iters: int = 50,
-        kmeans_seed: int = 0,
-        kmeans_points_per_centroid: int | None = None,
-        prototype_init: str = "kmeans",
-        tau: float = 0.1,
-        grid: int = 32,
-        M_u: int = 1000,
-        M_u_pooled: bool = False,
-        eta_t_origin: str = "t_s2",
-        eta_0: float = 0.8,
-        eta_e: float = 0.95,
-        lambda_pro: float = 1.0,
-        prototype_ema: float = 0.99,
-        feature_source: str = "features",
         save_snapshot: bool = True,
         snapshot_per_class: int = 500,
         network: str = DEFAULT_NETWORK,
+        **memory_options: Any,
     ) -> None:
         super().__init__()
         if not 0 <= T_S1 < T_S2:
@@ -96,17 +66,8 @@ class BRPGCallback(pl.Callback):
         self.save_snapshot, self.snapshot_per_class = bool(save_snapshot), int(snapshot_per_class)
         self.network = network
         self.epoch = 0  # current epoch as last seen (statistics)
-        self.memory = PrototypeMemory(
-            eta_s=eta_s, class_thresholds=class_thresholds, threshold_decay=threshold_decay,
-            threshold_low=threshold_low, threshold_high=threshold_high,
-            threshold_fixed_classes=threshold_fixed_classes, sample_num=sample_num, V=V,
-            storage_dtype=storage_dtype, banks=banks, n0_h=n0_h, n0_lw=n0_lw, apo=apo, alpha_t=alpha_t,
-            n_add=n_add, indicator=indicator, apo_count=apo_count, kmeans_iters=kmeans_iters,
-            kmeans_seed=kmeans_seed, kmeans_points_per_centroid=kmeans_points_per_centroid,
-            prototype_init=prototype_init, tau=tau, grid=grid, M_u=M_u, M_u_pooled=M_u_pooled,
-            eta_t_origin=eta_t_origin, eta_0=eta_0, eta_e=eta_e, lambda_pro=lambda_pro,
-            prototype_ema=prototype_ema, feature_source=feature_source, keep_confidence=save_snapshot,
-        )
+        # every other key is the memory's, with its paper default there: one signature, documented once
+        self.memory = PrototypeMemory(**memory_options, keep_confidence=self.save_snapshot)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         max_epochs = None if trainer is None else trainer.max_epochs
