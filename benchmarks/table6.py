@@ -8,7 +8,8 @@ Trains every row (SupOnly, mean teacher, + plain L_pro, + CPG, + CPG + APO, all 
 table: per row the mean and sd over seeds, and for each step of the ablation the **paired** difference (same
 seed: same data order, same initialisation) with its 95 % t-interval. ``--render FILE`` replaces the text
 between ``<!-- table6:start -->`` and ``<!-- table6:end -->`` in FILE with that table, so nothing is retyped.
-``--report`` only reads existing runs.
+``--report`` only reads existing runs, or, where ``--out`` holds only a ``table6.json`` (as
+``docs/results/`` does for the README's table), that file.
 
 ``--streams N`` runs N cells side by side. Every cell uses the run's own ``num_threads`` setting, so a cell's
 result does not depend on how many run beside it (on 2 cores: the synthetic preset's one thread per process,
@@ -145,6 +146,7 @@ def train(out: Path, row: str, seed: int, extra: list[str], lock: Path | None = 
 
 
 def collect(out: Path, seeds: list[int]) -> dict[str, dict[str, float]]:
+    """``{row: {seed: final mIoU}}`` from the cells' ``metrics.json`` in ``out``."""
     results: dict[str, dict[str, float]] = {}
     for row in ROWS:
         for seed in seeds:
@@ -192,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=max(1, args.streams)) as pool:
             list(pool.map(lambda c: train(args.out, c[0], c[1], args.extra, args.lock), cells))
     results = collect(args.out, seeds)
+    stored = args.out / "table6.json"
+    if args.report and not results and stored.is_file():  # a results file without its run folders (the README's)
+        record = json.loads(stored.read_text())
+        results = record["results"]
+        print(f"from {stored}: {record['command']} at commit {record['commit']} on {record['machine']}")
+    else:
+        record = {
+            "results": results, "seeds": seeds, "extra": args.extra, "machine": machine(), "commit": commit(),
+            "command": "python -m benchmarks.table6 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(record, indent=1))
     table = render(results, seeds)
-    record = {
-        "results": results, "seeds": seeds, "extra": args.extra, "machine": machine(), "commit": commit(),
-        "command": "python -m benchmarks.table6 " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table6.json").write_text(json.dumps(record, indent=1))
     print(table)
     if args.render is not None:
         render_into(args.render, table)

@@ -50,3 +50,14 @@ def test_render_rows_steps_and_readme_block(tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{END}\noutro\n")
     assert "old table" not in text and table in text
+
+
+def test_readme_table_is_the_rendering_of_the_results_file() -> None:
+    """Nothing retyped: the README's Table 6 block is exactly what the committed results file renders to."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "docs" / "results" / "table6.json").read_text())
+    table = render(record["results"], record["seeds"])
+    readme = (root / "README.md").read_text()
+    assert f"{START}\n{table}\n{END}" in readme
