@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from brpg_lightning.config import check_mandatory
 from brpg_lightning.errors import BRPGInputError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
 from brpg_lightning.models.inference import EvalProtocol
@@ -84,8 +85,13 @@ def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.Li
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    from brpg_lightning.data.datamodule import method_option
+
     method_cls = get_class(cfg.method._target_)
-    return build(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
+    return build(
+        cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True),
+        method=method_option(cfg.method._target_), _convert_="all",
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -138,9 +144,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cross-key checks Hydra cannot express (one-line errors)."""
-    if OmegaConf.is_missing(cfg, "split"):
-        raise BRPGInputError("split is not set; pass split=<name> (the dataset preset lists valid splits)")
+    """Cross-key checks Hydra cannot express (one-line errors); first, every mandatory key (``???``) is set."""
+    check_mandatory(cfg)
     for key in ("dataset", "model", "method", "trainer"):
         if cfg.get(key) is None:
             raise BRPGInputError(f"config group '{key}' is empty; choose one, e.g. {key}=<option>")
@@ -169,9 +174,52 @@ def check_warmup_before_sampling(cfg: DictConfig) -> None:
         )
 
 
+RUN_OUTPUTS: tuple[str, ...] = ("checkpoints", "metrics.json", "csv")
+"""What a run writes into its directory (besides Hydra's ``.hydra/`` and log, written before the task runs)."""
+LAUNCH_RANK_VARIABLES: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Set by Lightning's DDP launcher (``LOCAL_RANK``, ``NODE_RANK`` for the ranks it re-runs), torchrun and SLURM."""
+
+
+def is_first_launch() -> bool:
+    """Whether this process is the run's rank 0: no launcher variable names another rank.
+
+    Lightning re-runs the command for ranks 1.. with ``LOCAL_RANK`` set and ``hydra.run.dir`` pointing at rank
+    0's directory, where rank 0 may already be writing; torchrun and SLURM start every rank at once. Only rank 0
+    judges the run directory, so the other ranks never refuse the directory their own run is filling.
+    """
+    import os
+
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in LAUNCH_RANK_VARIABLES)
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse a run directory that already holds a run's outputs (``checkpoints/``, ``metrics.json``, ``csv/``):
+    the new run would replace that run's checkpoints, metrics and logs. Allowed when the run resumes from a
+    checkpoint inside that directory (``ckpt_path=``) or with ``overwrite=true``. Hydra's own ``.hydra/`` and log
+    are written before the task starts, so they do not count.
+    """
+    if cfg.get("overwrite") or not is_first_launch():
+        return
+    out = output_dir(cfg)
+    found = [name for name in RUN_OUTPUTS if (out / name).exists() and not _empty_dir(out / name)]
+    if not found:
+        return
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(out.resolve()):
+        return  # resuming in place: the run continues its own files
+    raise BRPGInputError(
+        f"run directory '{out}' already holds a run ({', '.join(found)}); pass overwrite=true to replace it, "
+        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'} to resume it, or another hydra.run.dir"
+    )
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def check_run(cfg: DictConfig) -> None:
     """Start-up checks of ``train`` (one-line errors before any data or network is built): moved ``optim``
-    keys, and the warm-up ending before BRPG's sampling."""
+    keys, the warm-up ending before BRPG's sampling, and a run directory that holds no other run."""
     optim = cfg.method.get("optim") if cfg.get("method") is not None else None
     if optim is not None:
         check_optim(optim)
@@ -179,6 +227,7 @@ def check_run(cfg: DictConfig) -> None:
     threads = cfg.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise BRPGInputError(f"num_threads={threads!r}; expected an integer >= 1 (torch intra-op threads) or null")
+    check_run_dir(cfg)
 
 
 def run(cfg: DictConfig) -> float:
