@@ -164,7 +164,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run prediction as configured (``conf/predict.yaml``); returns ``{"written": [...], "skipped": {...}}``."""
     from tqdm.auto import tqdm
 
-    net, meta = load_for_inference(cfg.ckpt_path)
     input_root, output = Path(cfg.input), Path(cfg.output)
     images = list_images(input_root, exclude=output)  # an output folder inside the input is not read
     plans = {p: output_paths(p, input_root, output) for p in images}
@@ -182,6 +181,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     alpha = float(cfg.overlay_alpha)
     if batch_size < 1 or not 0.0 <= alpha <= 1.0:
         raise BRPGInputError(f"batch_size={batch_size}, overlay_alpha={alpha}; expected >= 1 and within [0, 1]")
+    net, meta = load_for_inference(cfg.ckpt_path)  # after the checks of the input and output: they read no weights
     device = str(cfg.device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

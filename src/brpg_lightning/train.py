@@ -21,6 +21,7 @@ from brpg_lightning.config import check_mandatory
 from brpg_lightning.errors import BRPGInputError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
 from brpg_lightning.models.inference import EvalProtocol
+from brpg_lightning.run_dir import check_run_dir as check_directory
 
 log = logging.getLogger(__name__)
 
@@ -174,47 +175,10 @@ def check_warmup_before_sampling(cfg: DictConfig) -> None:
         )
 
 
-RUN_OUTPUTS: tuple[str, ...] = ("checkpoints", "metrics.json", "csv")
-"""What a run writes into its directory (besides Hydra's ``.hydra/`` and log, written before the task runs)."""
-LAUNCH_RANK_VARIABLES: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
-"""Set by Lightning's DDP launcher (``LOCAL_RANK``, ``NODE_RANK`` for the ranks it re-runs), torchrun and SLURM."""
-
-
-def is_first_launch() -> bool:
-    """Whether this process is the run's rank 0: no launcher variable names another rank.
-
-    Lightning re-runs the command for ranks 1.. with ``LOCAL_RANK`` set and ``hydra.run.dir`` pointing at rank
-    0's directory, where rank 0 may already be writing; torchrun and SLURM start every rank at once. Only rank 0
-    judges the run directory, so the other ranks never refuse the directory their own run is filling.
-    """
-    import os
-
-    return all(os.environ.get(name, "0").strip() in ("", "0") for name in LAUNCH_RANK_VARIABLES)
-
-
 def check_run_dir(cfg: DictConfig) -> None:
-    """Refuse a run directory that already holds a run's outputs (``checkpoints/``, ``metrics.json``, ``csv/``):
-    the new run would replace that run's checkpoints, metrics and logs. Allowed when the run resumes from a
-    checkpoint inside that directory (``ckpt_path=``) or with ``overwrite=true``. Hydra's own ``.hydra/`` and log
-    are written before the task starts, so they do not count.
-    """
-    if cfg.get("overwrite") or not is_first_launch():
-        return
-    out = output_dir(cfg)
-    found = [name for name in RUN_OUTPUTS if (out / name).exists() and not _empty_dir(out / name)]
-    if not found:
-        return
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(out.resolve()):
-        return  # resuming in place: the run continues its own files
-    raise BRPGInputError(
-        f"run directory '{out}' already holds a run ({', '.join(found)}); pass overwrite=true to replace it, "
-        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'} to resume it, or another hydra.run.dir"
-    )
-
-
-def _empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    """The run directory holds no other run (``run_dir.check_run_dir``: resuming in place with ``ckpt_path`` and
+    ``overwrite=true`` are allowed; only rank 0 judges)."""
+    check_directory(output_dir(cfg), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
 
 
 def check_run(cfg: DictConfig) -> None:

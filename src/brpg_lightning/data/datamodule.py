@@ -392,7 +392,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             )
         labeled.check_sample(self.check_items)
         counts, read = labeled.mask_value_counts(self.class_census_items)
-        warning = check_labeled_classes(counts, read, len(labeled), self.class_names, where_l, self.missing_classes)
+        where_masks = where_l if self.uses_split_lists else self.root / "labeled" / "masks"
+        warning = check_labeled_classes(counts, read, len(labeled), self.class_names, where_masks, self.missing_classes)
         if warning is not None:
             log.warning("%s", warning)
         if self.unlabeled_set is not None:
