@@ -10,8 +10,8 @@ User configs (own datasets, experiments) are added with Hydra's search path, nev
 from __future__ import annotations
 
 import os
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
