@@ -17,9 +17,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from brpg_lightning.config import check_mandatory
 from brpg_lightning.errors import BRPGInputError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
 from brpg_lightning.models.inference import EvalProtocol
+from brpg_lightning.run_dir import check_run_dir as check_directory
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,13 @@ def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.Li
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    from brpg_lightning.data.datamodule import method_option
+
     method_cls = get_class(cfg.method._target_)
-    return build(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
+    return build(
+        cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True),
+        method=method_option(cfg.method._target_), _convert_="all",
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -138,9 +145,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cross-key checks Hydra cannot express (one-line errors)."""
-    if OmegaConf.is_missing(cfg, "split"):
-        raise BRPGInputError("split is not set; pass split=<name> (the dataset preset lists valid splits)")
+    """Cross-key checks Hydra cannot express (one-line errors); first, every mandatory key (``???``) is set."""
+    check_mandatory(cfg)
     for key in ("dataset", "model", "method", "trainer"):
         if cfg.get(key) is None:
             raise BRPGInputError(f"config group '{key}' is empty; choose one, e.g. {key}=<option>")
@@ -169,9 +175,15 @@ def check_warmup_before_sampling(cfg: DictConfig) -> None:
         )
 
 
+def check_run_dir(cfg: DictConfig) -> None:
+    """The run directory holds no other run (``run_dir.check_run_dir``: resuming in place with ``ckpt_path`` and
+    ``overwrite=true`` are allowed; only rank 0 judges)."""
+    check_directory(output_dir(cfg), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+
+
 def check_run(cfg: DictConfig) -> None:
     """Start-up checks of ``train`` (one-line errors before any data or network is built): moved ``optim``
-    keys, and the warm-up ending before BRPG's sampling."""
+    keys, the warm-up ending before BRPG's sampling, and a run directory that holds no other run."""
     optim = cfg.method.get("optim") if cfg.get("method") is not None else None
     if optim is not None:
         check_optim(optim)
@@ -179,6 +191,7 @@ def check_run(cfg: DictConfig) -> None:
     threads = cfg.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise BRPGInputError(f"num_threads={threads!r}; expected an integer >= 1 (torch intra-op threads) or null")
+    check_run_dir(cfg)
 
 
 def run(cfg: DictConfig) -> float:
