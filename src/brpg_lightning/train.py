@@ -188,7 +188,8 @@ def run_failure(trainer: pl.Trainer, summary: dict[str, Any]) -> str | None:
         limits = f"max_epochs={trainer.max_epochs}" + (
             f", max_steps={trainer.max_steps}" if trainer.max_steps not in (None, -1) else "")
         return (f"training stopped after {where}, before {limits}, with no stated reason (early stopping, time limit "
-                f"or pre-emption); see the run's log for the cause; last checkpoint: {summary['last_checkpoint']}")
+                f"or pre-emption); see the run's log for the cause; last checkpoint: "
+                f"{summary['last_checkpoint'] or 'none written'}")
     if trainer.is_global_zero and summary["missing_checkpoints"]:
         return (f"training ended ({summary['stopped']} after {where}) but the checkpoint it reports does not exist: "
                 f"{', '.join(summary['missing_checkpoints'])}")

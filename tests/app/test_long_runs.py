@@ -57,13 +57,12 @@ class NonFiniteAt(pl.Callback):
             self.after = {k: v.detach().clone() for k, v in pl_module.student.named_parameters()}
 
 
-class StopIterationAtValidationEnd(pl.Callback):
-    """What a ``StopIteration`` raised while saving a checkpoint does: the training loop takes it for the end of
-    its data and fit ends early, silently."""
+class StopIterationOnSave(pl.Callback):
+    """What CPS ``eval_on=mean`` once did while saving a checkpoint: raise ``StopIteration``, which the training
+    loop takes for the end of its data, so fit ends early and silently."""
 
-    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        if not trainer.sanity_checking:
-            raise StopIteration
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: ANN001
+        raise StopIteration
 
 
 class DeleteBestAtTrainEnd(pl.Callback):
@@ -209,11 +208,12 @@ def test_cps_eval_on_mean_through_checkpoint_evaluate_predict_export(tiny_cfg, t
 def test_an_unexplained_early_stop_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = cli(tmp_path, run_dir, "trainer.max_epochs=2",
-               f"+callbacks.saboteur._target_={__name__}.StopIterationAtValidationEnd")
+               f"+callbacks.saboteur._target_={__name__}.StopIterationOnSave")
     assert proc.returncode == 3, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: training stopped after 1 epochs, 3 steps, before max_epochs=2, with no stated "
-                           "reason"), line
+    assert line == ("error: training stopped after 0 epochs, 3 steps, before max_epochs=2, with no stated reason "
+                    "(early stopping, time limit or pre-emption); see the run's log for the cause; last checkpoint: "
+                    "none written"), line
     assert not (run_dir / "metrics.json").exists()
     assert "final val/mIoU" not in proc.stdout
 
