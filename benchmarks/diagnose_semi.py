@@ -53,7 +53,8 @@ def train(out: Path, name: str, seed: int, epochs: int | None, extra: list[str])
     target = run_dir(out, name, seed)
     if (target / "metrics.json").is_file():
         return
-    cmd = [sys.executable, "-m", "brpg_lightning", *RUNS[name], *extra, f"seed={seed}", f"hydra.run.dir={target}"]
+    cmd = [sys.executable, "-m", "brpg_lightning", *RUNS[name], *extra, f"seed={seed}", f"hydra.run.dir={target}",
+           "overwrite=true"]  # a cell without metrics.json is started again from scratch
     if epochs is not None:
         cmd.append(f"trainer.max_epochs={epochs}")
     print("$", " ".join(cmd), flush=True)

@@ -139,7 +139,8 @@ def train(out: Path, row: str, seed: int, extra: list[str], lock: Path | None = 
                 return train(out, row, seed, extra)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-    cmd = [sys.executable, "-m", "brpg_lightning", *ROWS[row][1], *extra, f"seed={seed}", f"hydra.run.dir={target}"]
+    cmd = [sys.executable, "-m", "brpg_lightning", *ROWS[row][1], *extra, f"seed={seed}", f"hydra.run.dir={target}",
+           "overwrite=true"]  # a cell without metrics.json is started again from scratch
     target.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)

@@ -16,6 +16,11 @@ geometry it was trained with (:func:`stored_align_corners`). ``eval_protocol`` i
 ``models.inference.EvalProtocol`` as a plain dict (with its stride); ``evaluate`` evaluates with it and ``predict``
 takes its sliding window from it. A checkpoint written before it was stored derives it from the older keys
 (:func:`stored_eval_protocol`); ``protocol`` stays for the readers of those versions.
+
+When the evaluated network averages the logits of several networks (CPS with ``method.eval_on=mean``), the block
+holds ``"eval_prefixes": ["student.", "net2."]`` and :func:`build_eval_network` rebuilds the average
+(``models.ensemble.MeanLogits``); its ``eval_prefix`` then joins them (``"student.+net2."``), which matches no
+weights, so a reader that knows only ``eval_prefix`` stops with an error instead of running one network.
 """
 
 from __future__ import annotations
@@ -118,10 +123,13 @@ def stored_eval_protocol(ckpt: Mapping[str, Any]) -> EvalProtocol:
 
 
 def inference_metadata(
-    run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str, align_corners: bool | None = None,
-    eval_protocol: EvalProtocol | None = None,
+    run_config: Mapping[str, Any], class_names: Sequence[str], eval_prefix: str | Sequence[str],
+    align_corners: bool | None = None, eval_protocol: EvalProtocol | None = None,
 ) -> dict[str, Any]:
     """The ``inference`` block for a run: see the module docstring.
+
+    ``eval_prefix``: the ``state_dict`` prefix of the evaluated network, or a list of them when the evaluated
+    network averages their logits (stored as ``eval_prefixes``).
 
     ``align_corners``: the evaluated network's geometry (``Segmentor.align_corners``); None takes the model
     config's ``align_corners`` (the segmentor's default, True, when the config has none). ``eval_protocol``:
@@ -132,6 +140,8 @@ def inference_metadata(
     dataset = dict(run_config.get("dataset") or {})
     model = dict(run_config["model"])
     num_classes = int(model.get("num_classes", len(class_names)))
+    prefixes = [eval_prefix] if isinstance(eval_prefix, str) else [str(p) for p in eval_prefix]
+    members = {"eval_prefixes": prefixes} if len(prefixes) > 1 else {}
     return {
         "version": INFERENCE_VERSION,
         "package_version": __version__,
@@ -143,7 +153,8 @@ def inference_metadata(
             "scale": 255.0,
         },
         "model": model,
-        "eval_prefix": eval_prefix,
+        "eval_prefix": "+".join(prefixes),
+        **members,
         "align_corners": bool(model.get("align_corners", True) if align_corners is None else align_corners),
         "ignore_index": IGNORE_INDEX,
         "eval_protocol": (eval_protocol or EvalProtocol.from_dataset(dataset)).as_dict(),
@@ -155,15 +166,56 @@ def inference_metadata(
     }
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(..., weights_only=True)`` with a one-line error for a missing or foreign file."""
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def newest_readable_checkpoint(folder: str | Path, exclude: str | Path | None = None, tries: int = 20) -> Path | None:
+    """The most recently modified ``*.ckpt`` in ``folder`` (not ``exclude``) that ``torch.load`` opens (memory-mapped:
+    a truncated file fails on its missing zip directory without reading the tensors); None if there is none among
+    the ``tries`` newest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = sorted((p for p in folder.glob("*.ckpt") if p.is_file() and p.resolve() != skip),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in files[:tries]:
+        try:
+            _torch_load(candidate, mmap=True)
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped
+            continue
+        return candidate
+    return None
+
+
+def last_good_checkpoint(trainer: Any) -> Path | None:
+    """The newest readable checkpoint in the folders of ``trainer.checkpoint_callbacks`` (the run's ``checkpoints/``),
+    None when there is none yet."""
+    folders = {Path(c.dirpath) for c in getattr(trainer, "checkpoint_callbacks", []) if getattr(c, "dirpath", None)}
+    found = [p for p in (newest_readable_checkpoint(f) for f in folders) if p is not None]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _good_one_beside(path: Path) -> str:
+    good = newest_readable_checkpoint(path.parent, exclude=path)
+    return f"; the newest readable checkpoint beside it: {good}" if good else "; no readable checkpoint beside it"
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error for a missing, truncated or foreign file, naming
+    the newest readable checkpoint beside it. ``mmap``: map the tensors instead of reading them (a cheap check
+    before ``Trainer.fit`` reads the file itself)."""
     path = Path(path)
     if not path.is_file():
-        raise BRPGInputError(f"ckpt_path={path}: no such checkpoint file")
+        raise BRPGInputError(f"ckpt_path={path}: no such checkpoint file{_good_one_beside(path)}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input here
-        raise BRPGInputError(f"ckpt_path={path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
+        raise BRPGInputError(
+            f"ckpt_path={path}: not a readable PyTorch checkpoint, truncated or corrupt ({type(exc).__name__})"
+            f"{_good_one_beside(path)}"
+        ) from exc
     if not isinstance(ckpt, dict) or "run_config" not in ckpt.get("hyper_parameters", {}):
         raise BRPGInputError(f"ckpt_path={path}: not a brpg-lightning checkpoint (no hyper_parameters.run_config)")
     return ckpt
@@ -194,7 +246,8 @@ def read_inference(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
 
 
 class ClassificationPath(nn.Module):
-    """Encoder, decoder and classification head of a segmentor, logits at the input size: what is exported.
+    """Encoder, decoder and classification head of a segmentor, logits at the input size: what is exported
+    (a ``MeanLogits``: every member's, logits averaged at the decoder resolution as it does).
 
     ``forward(x)``: normalised images ``(B, 3, H, W)``, any ``H, W`` -> logits ``(B, C, H, W)``. Pads
     bottom/right to the segmentor's ``pad_multiple`` (always, with a possibly zero amount, so a traced or
@@ -207,7 +260,14 @@ class ClassificationPath(nn.Module):
 
     def __init__(self, segmentor: nn.Module) -> None:
         super().__init__()
-        self.encoder, self.decoder, self.classifier = segmentor.encoder, segmentor.decoder, segmentor.classifier
+        from brpg_lightning.models.ensemble import MeanLogits
+
+        members = list(segmentor.members) if isinstance(segmentor, MeanLogits) else [segmentor]
+        first = members[0]
+        self.encoder, self.decoder, self.classifier = first.encoder, first.decoder, first.classifier
+        # further networks whose logits are averaged with the first's (MeanLogits: CPS eval_on=mean)
+        self.others = nn.ModuleList(nn.Sequential(m.encoder, m.decoder, m.classifier) for m in members[1:])
+        self.n_members = len(members)
         self.pad_multiple, self.stride = int(segmentor.pad_multiple), int(segmentor.stride)
         self.align_corners = bool(getattr(segmentor, "align_corners", LEGACY_ALIGN_CORNERS))
 
@@ -216,6 +276,10 @@ class ClassificationPath(nn.Module):
         m, s = self.pad_multiple, self.stride
         x = F.pad(x, (0, (m - width % m) % m, 0, (m - height % m) % m))
         logits = self.classifier(self.decoder(self.encoder(x)))
+        if self.n_members > 1:  # at the decoder resolution, as MeanLogits (upsampling is linear)
+            for branch in self.others:
+                logits = logits + branch(x)
+            logits = logits / self.n_members
         if self.align_corners:  # size arithmetic without negative floor division (traced and exported alike)
             logits = logits[..., : (height + s - 1) // s, : (width + s - 1) // s]
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
@@ -224,26 +288,31 @@ class ClassificationPath(nn.Module):
 
 
 def build_eval_network(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: str | Path) -> nn.Module:
-    """The evaluated segmentor (eval mode, CPU) from the checkpoint's model config and weights; no download."""
+    """The evaluated segmentor (eval mode, CPU) from the checkpoint's model config and weights; no download.
+    With ``eval_prefixes`` (several networks, logits averaged): a ``models.ensemble.MeanLogits`` of them."""
     from hydra.utils import instantiate
+
+    from brpg_lightning.models.ensemble import MeanLogits
 
     model_cfg = dict(meta["model"])
     model_cfg.update(encoder_weights=None)  # weights come from the checkpoint, never from a hub
     model_cfg["align_corners"] = stored_align_corners({**ckpt, "inference": meta})
     if "weights_path" in model_cfg:
         model_cfg["weights_path"] = None
-    segmentor = instantiate(model_cfg, _convert_="all")
-    prefix = str(meta["eval_prefix"])
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise BRPGInputError(f"ckpt_path={path}: no weights under '{prefix}' in state_dict")
-    missing, unexpected = segmentor.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise BRPGInputError(
-            f"ckpt_path={path}: weights under '{prefix}' do not fit the stored model config "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
-    return segmentor.eval()
+    members = []
+    for prefix in [str(p) for p in meta.get("eval_prefixes") or [meta["eval_prefix"]]]:
+        segmentor = instantiate(model_cfg, _convert_="all")
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise BRPGInputError(f"ckpt_path={path}: no weights under '{prefix}' in state_dict")
+        missing, unexpected = segmentor.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BRPGInputError(
+                f"ckpt_path={path}: weights under '{prefix}' do not fit the stored model config "
+                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+            )
+        members.append(segmentor)
+    return (members[0] if len(members) == 1 else MeanLogits(*members)).eval()
 
 
 def load_for_inference(path: str | Path) -> tuple[ClassificationPath, dict[str, Any]]:

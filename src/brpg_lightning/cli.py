@@ -7,9 +7,12 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from brpg_lightning.errors import input_error_in
+from brpg_lightning.errors import BRPGRunError, input_error_in
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+"""The run did not do what was asked: a non-finite loss stopped it, it stopped early for no stated reason, or a
+checkpoint it reports does not exist (:class:`~brpg_lightning.errors.BRPGRunError`)."""
 EXIT_PREEMPTED = 143
 """128 + SIGTERM: the run was pre-empted after writing ``checkpoints/preempted.ckpt``."""
 
@@ -18,7 +21,8 @@ def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2.
 
     Lightning's ``SIGTERMException`` (raised after a SIGTERM, once the pre-emption checkpoint is written)
-    prints one line and exits with :data:`EXIT_PREEMPTED`.
+    prints one line and exits with :data:`EXIT_PREEMPTED`; a :class:`BRPGRunError` prints one line and exits with
+    :data:`EXIT_RUN_FAILED`.
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -29,6 +33,9 @@ def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SIGTERMException:
             print("error: pre-empted (SIGTERM); see the log for the checkpoint to resume from", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
+        except BRPGRunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_RUN_FAILED)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is (caused by) bad input
             cause = input_error_in(exc)
             if cause is None:

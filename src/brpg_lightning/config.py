@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -104,3 +105,59 @@ def check_renamed_overrides(overrides: list[str]) -> None:
         message = renamed_key_message(key.strip(), value)
         if message is not None:
             raise BRPGInputError(message)
+
+
+MANDATORY_EXAMPLES: dict[str, str] = {
+    "ckpt_path": "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt",
+    "dataset.num_classes": "dataset.num_classes=5 (background and the object classes, as the masks' ids 0..4)",
+    "split": "split=<name> (the dataset preset lists valid splits)",
+    "input": "input=photos/ (an image or a folder)",
+    "output": "output=predictions/ (a folder)",
+}
+"""Mandatory keys (``???`` in the configs) and an example of each for the one-line error."""
+
+
+def unset_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Full keys of the mandatory values (``???``) left unset in ``cfg``, in config order.
+
+    Interpolations are not resolved (``model.num_classes: ${dataset.num_classes}`` is reported once, as
+    ``dataset.num_classes``), unlike ``OmegaConf.missing_keys``, which raises on them.
+
+    >>> unset_keys(OmegaConf.create({"a": "???", "b": {"c": "???", "d": "${a}"}, "e": [1, "???"]}))
+    ['a', 'b.c', 'e.1']
+    """
+    from omegaconf import DictConfig, ListConfig
+
+    found: list[str] = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg)) if isinstance(cfg, ListConfig) else []
+    for key in keys:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(full)
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig | ListConfig) and not node._is_interpolation() and not node._is_none():
+            found.extend(unset_keys(node, f"{full}."))
+    return found
+
+
+def check_mandatory(cfg: Any, keys: tuple[str, ...] | None = None) -> None:
+    """One-line :class:`BRPGInputError` naming the first mandatory key left unset (``keys``: only these
+    top-level keys; None: every key of ``cfg``), with an example, instead of OmegaConf's ``MissingMandatoryValue``
+    traceback when the key is first read.
+
+    >>> check_mandatory(OmegaConf.create({"ckpt_path": "???", "input": "???"}))
+    Traceback (most recent call last):
+    ...
+    brpg_lightning.errors.BRPGInputError: ckpt_path is not set; it is mandatory here, e.g. ckpt_path=outputs/train/<run>/checkpoints/last.ckpt (also unset: input)
+    """
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)] if keys is not None else unset_keys(cfg)
+    if missing:
+        raise BRPGInputError(mandatory_message(missing[0], missing[1:]))
+
+
+def mandatory_message(key: str, others: list[str] | tuple[str, ...] = ()) -> str:
+    """``<key> is not set; it is mandatory here, e.g. <example>`` (+ the other unset keys)."""
+    example = MANDATORY_EXAMPLES.get(key, f"{key}=<value>")
+    also = f" (also unset: {', '.join(others)})" if others else ""
+    return f"{key} is not set; it is mandatory here, e.g. {example}{also}"

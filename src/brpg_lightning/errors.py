@@ -12,6 +12,19 @@ class BRPGInputError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class BRPGRunError(RuntimeError):
+    """A run that did not do what was asked (stopped early for no stated reason, a non-finite loss, reported
+    checkpoints missing). The message is one line; ``python -m brpg_lightning`` prints ``error: <message>`` and
+    exits with status 3 (``cli.EXIT_RUN_FAILED``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class NonFiniteLossError(BRPGRunError):
+    """A NaN or inf loss term stopped the run (``nonfinite_loss=stop``)."""
+
+
 def input_error_in(exc: BaseException) -> BRPGInputError | None:
     """The :class:`BRPGInputError` that is ``exc`` or caused it, following ``__cause__`` (or, when there is
     none, ``__context__``); ``None`` if the chain holds none. Hydra's instantiation and OmegaConf's

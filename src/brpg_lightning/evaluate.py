@@ -9,8 +9,9 @@ entries given on the command line override the stored dataset (another root; ``v
 ``eval_model``: the teacher's classification head for mean teacher (paper Sec. 4.1.6).
 
 Prints the mIoU and a per-class IoU table, and writes both next to the checkpoint as
-``<checkpoint stem>.eval.json`` and ``<checkpoint stem>.eval.md`` (``report_dir`` puts them elsewhere,
-``report=false`` skips them).
+``<checkpoint stem>.eval.json`` and ``<checkpoint stem>.eval.md`` (``output=<folder>`` puts them elsewhere,
+``report=false`` skips them). The report folder is checked before the evaluation starts: a folder that cannot
+be written is a one-line error then, not after the evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brpg_lightning.checkpoint import load_checkpoint, stored_align_corners, stored_eval_protocol
 from brpg_lightning.cli import exit_on_bad_input
-from brpg_lightning.config import config_dir, register_resolvers
+from brpg_lightning.config import check_mandatory, config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol
 
@@ -146,16 +147,59 @@ def write_report(rep: dict[str, Any], ckpt_path: str | Path, report_dir: str | P
     return json_path, md_path
 
 
+def report_folder(cfg: DictConfig) -> Path | None:
+    """Where the reports go: ``output`` (``report_dir``, its older name), else the checkpoint's folder; None with
+    ``report=false``."""
+    if not cfg.get("report", True):
+        return None
+    output, older = cfg.get("output"), cfg.get("report_dir")
+    if output is not None and older is not None and Path(output) != Path(older):
+        raise BRPGInputError(f"output={output} and report_dir={older} differ; report_dir is output's older name, pass one")
+    chosen = output if output is not None else older
+    return Path(chosen) if chosen is not None else Path(cfg.ckpt_path).parent
+
+
+def check_report_folder(folder: Path) -> None:
+    """Refuse a report folder that cannot be written, before the evaluation runs (a read-only checkpoint
+    folder would otherwise fail after the whole evaluation, with the result unprinted). The folder is created
+    (as the reports would create it) and a file is written into it and removed: permission bits alone do not
+    tell (root ignores them; a read-only mount does not)."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise BRPGInputError(f"output={folder}: exists and is not a folder; pass output=<folder> for the reports")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".brpg-write-check-"):
+            pass
+    except OSError as exc:
+        raise BRPGInputError(
+            f"cannot write the reports into '{folder}' ({exc.strerror or exc}); pass output=<folder> for the "
+            f"reports, or report=false"
+        ) from None
+
+
 def run(cfg: DictConfig) -> float:
+    check_mandatory(cfg, ("ckpt_path",))
+    folder = report_folder(cfg)
+    if folder is not None:
+        check_report_folder(folder)
     results = evaluate(cfg)
     rep = report(results, cfg.ckpt_path)
     width = max(len(row["class"]) for row in rep["per_class"])
     for row in rep["per_class"]:
         print(f"{row['class']:>{width}s}  {row['IoU']:.4f}")
-    if cfg.get("report", True):
-        json_path, md_path = write_report(rep, cfg.ckpt_path, cfg.get("report_dir"))
-        print(f"report: {json_path} {md_path}")
+    # the result first: a report that still fails to write (the folder changed meanwhile) loses nothing
     print(f"val/mIoU = {rep['mIoU']:.4f} ({cfg.ckpt_path})", flush=True)
+    if folder is not None:
+        try:
+            json_path, md_path = write_report(rep, cfg.ckpt_path, folder)
+        except OSError as exc:
+            raise BRPGInputError(
+                f"cannot write the reports into '{folder}' ({exc.strerror}); the result is printed above; pass "
+                f"output=<folder> for the reports"
+            ) from None
+        print(f"report: {json_path} {md_path}")
     return rep["mIoU"]
 
 

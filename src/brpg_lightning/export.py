@@ -35,7 +35,7 @@ from torch import nn
 
 from brpg_lightning.checkpoint import load_for_inference
 from brpg_lightning.cli import exit_on_bad_input
-from brpg_lightning.config import config_dir, register_resolvers
+from brpg_lightning.config import check_mandatory, config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol
 
@@ -157,6 +157,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> str:
+    check_mandatory(cfg, ("ckpt_path",))
     result = export(cfg)
     for row in result["parity"]:
         b, h, w = row["size"]

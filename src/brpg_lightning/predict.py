@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from brpg_lightning.checkpoint import load_for_inference, normalize
 from brpg_lightning.cli import exit_on_bad_input
-from brpg_lightning.config import config_dir, register_resolvers
+from brpg_lightning.config import check_mandatory, config_dir, register_resolvers
 from brpg_lightning.data.datasets.common import IMAGE_SUFFIXES, files_in
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
@@ -65,6 +65,32 @@ def output_paths(image: Path, input_root: Path, output: Path) -> dict[str, Path]
     """``{"masks": ..., "color": ..., "overlay": ...}`` for one input, mirroring its place under ``input_root``."""
     rel = image.relative_to(input_root) if input_root.is_dir() else Path(image.name)
     return {kind: output / kind / rel.with_suffix(".png") for kind in OUTPUT_KINDS}
+
+
+def check_collisions(plans: Mapping[Path, Mapping[str, Path]], input_root: Path, output: Path) -> None:
+    """Refuse inputs whose outputs would land on the same files (``a.jpg`` and ``a.png`` both give
+    ``masks/a.png``): the later image would silently replace the earlier one's outputs.
+
+    Outputs keep the image's stem (``a.png`` for ``a.jpg``) because that is how a mask is matched to its image
+    (the folder dataset reader, which refuses two images of one stem in a folder, as well); a renamed output
+    (``a.jpg.png``) would no longer match. So the collision is an error listing the images to rename.
+    """
+    by_target: dict[Path, list[Path]] = defaultdict(list)
+    for image, paths in plans.items():
+        by_target[paths["masks"]].append(image)
+    groups = [sorted(group) for group in by_target.values() if len(group) > 1]
+    if not groups:
+        return
+    base = input_root if input_root.is_dir() else input_root.parent
+    shown = "; ".join(
+        f"{', '.join(repr(str(p.relative_to(base))) for p in group)} -> "
+        f"'{plans[group[0]]['masks'].relative_to(output / 'masks')}'"
+        for group in groups[:3]
+    ) + ("; ..." if len(groups) > 3 else "")
+    raise BRPGInputError(
+        f"input={input_root}: {sum(len(g) for g in groups)} images share a name without suffix, so their outputs "
+        f"would overwrite each other ({shown}); outputs are named <stem>.png to match their image, rename one of each"
+    )
 
 
 def window_plan(
@@ -138,10 +164,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run prediction as configured (``conf/predict.yaml``); returns ``{"written": [...], "skipped": {...}}``."""
     from tqdm.auto import tqdm
 
-    net, meta = load_for_inference(cfg.ckpt_path)
     input_root, output = Path(cfg.input), Path(cfg.output)
     images = list_images(input_root, exclude=output)  # an output folder inside the input is not read
     plans = {p: output_paths(p, input_root, output) for p in images}
+    check_collisions(plans, input_root, output)
     if output.exists() and not output.is_dir():
         raise BRPGInputError(f"output={output}: exists and is not a folder")
     if not cfg.overwrite:
@@ -155,6 +181,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     alpha = float(cfg.overlay_alpha)
     if batch_size < 1 or not 0.0 <= alpha <= 1.0:
         raise BRPGInputError(f"batch_size={batch_size}, overlay_alpha={alpha}; expected >= 1 and within [0, 1]")
+    net, meta = load_for_inference(cfg.ckpt_path)  # after the checks of the input and output: they read no weights
     device = str(cfg.device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,6 +232,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> int:
+    check_mandatory(cfg, ("ckpt_path", "input", "output"))
     result = predict(cfg)
     print(f"predicted {len(result['written'])} image(s) into {result['output']}", flush=True)
     if result["skipped"]:

@@ -17,9 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from brpg_lightning.errors import BRPGInputError, input_error_in
+from brpg_lightning.checkpoint import load_checkpoint
+from brpg_lightning.config import check_mandatory
+from brpg_lightning.errors import BRPGInputError, BRPGRunError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
 from brpg_lightning.models.inference import EvalProtocol
+from brpg_lightning.run_dir import check_run_dir as check_directory
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,13 @@ def build_module(cfg: DictConfig, class_names: list[str] | None = None) -> pl.Li
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    from brpg_lightning.data.datamodule import method_option
+
     method_cls = get_class(cfg.method._target_)
-    return build(cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True), _convert_="all")
+    return build(
+        cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True),
+        method=method_option(cfg.method._target_), _convert_="all",
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -112,23 +120,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise BRPGInputError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if ckpt_path is not None:  # a missing, truncated or foreign file: one line naming a good one beside it
+        load_checkpoint(ckpt_path, mmap=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    checkpoint_cb = trainer.checkpoint_callback  # the first ModelCheckpoint: best val/mIoU
-    last_cb = trainer.checkpoint_callbacks[-1]
-    best = getattr(checkpoint_cb, "best_model_score", None)
-    summary = {
-        "final_mIoU": metrics.get("val/mIoU", float("nan")),
-        "best_mIoU": float(best) if best is not None else float("nan"),
-        "warmup_best_mIoU": module.warmup_best,
-        "best_checkpoint": getattr(checkpoint_cb, "best_model_path", ""),
-        "last_checkpoint": getattr(last_cb, "best_model_path", ""),
-        "metrics": metrics,
-    }
-    if cfg.get("test_after_fit"):
+    summary = fit_summary(trainer, module)
+    failure = run_failure(trainer, summary)
+    if failure is not None:  # no metrics.json: the run did not finish (sweep and benchmark tools skip finished runs)
+        raise BRPGRunError(failure)
+    if cfg.get("test_after_fit") and summary["best_checkpoint"]:
         trainer.test(module, datamodule=datamodule, ckpt_path="best")
     out = output_dir(cfg)
     if trainer.is_global_zero:
@@ -137,10 +137,78 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return summary, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
 
+def stop_reason(trainer: pl.Trainer) -> str | None:
+    """Why ``fit`` ended, when it ended as asked: ``max_steps``/``max_epochs`` reached, early stopping, the
+    ``max_time`` limit. None otherwise (an exception the loop swallowed, a callback setting ``should_stop``)."""
+    from pytorch_lightning.callbacks import EarlyStopping, Timer
+    from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+
+    steps, epochs = trainer.max_steps, trainer.max_epochs
+    if steps is not None and steps != -1 and trainer.global_step >= steps:
+        return f"max_steps={steps} reached"
+    if epochs is not None and epochs != -1 and trainer.current_epoch >= epochs:
+        return f"max_epochs={epochs} reached"
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            return f"early stopping at epoch {callback.stopped_epoch}: {callback.stopping_reason_message}"
+        remaining = callback.time_remaining() if isinstance(callback, Timer) else None
+        if remaining is not None and remaining <= 0.0:
+            return "max_time reached"
+    return None
+
+
+def fit_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
+    """What ``fit`` did: final and best mIoU (NaN when no validation ran), why it stopped, and the checkpoints
+    it reports (the best ``val/mIoU`` one, and the last state: the end-of-fit checkpoint when one was written,
+    else the last ``ModelCheckpoint``'s file); a checkpoint that does not exist on disk is reported as None."""
+    from brpg_lightning.callbacks.resume import FinalCheckpoint
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint_cb = trainer.checkpoint_callback  # the first ModelCheckpoint: best val/mIoU
+    best = getattr(checkpoint_cb, "best_model_score", None)
+    final = next((c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint) and c.path), None)
+    last = final or (getattr(trainer.checkpoint_callbacks[-1], "best_model_path", "") if trainer.checkpoint_callbacks
+                     else "")
+    reported = {"best_checkpoint": getattr(checkpoint_cb, "best_model_path", "") or "", "last_checkpoint": str(last)}
+    return {
+        "final_mIoU": metrics.get("val/mIoU", float("nan")),
+        "best_mIoU": float(best) if best is not None else float("nan"),
+        "warmup_best_mIoU": module.warmup_best,
+        "validated": "val/mIoU" in metrics,
+        "stopped": stop_reason(trainer),
+        "epoch": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        **{key: path if path and Path(path).is_file() else None for key, path in reported.items()},
+        "missing_checkpoints": [path for path in reported.values() if path and not Path(path).is_file()],
+        "metrics": metrics,
+    }
+
+
+def run_failure(trainer: pl.Trainer, summary: dict[str, Any]) -> str | None:
+    """One line when the run did not do what was asked, else None: it stopped before ``max_epochs``/``max_steps``
+    with no stated reason, a checkpoint it reports is not on disk, or checkpointing is configured and nothing was
+    written (checked on rank 0, which wrote them)."""
+    from brpg_lightning.callbacks.resume import FinalCheckpoint
+
+    where = f"{summary['epoch']} epochs, {summary['global_step']} steps"
+    if summary["stopped"] is None:
+        limits = f"max_epochs={trainer.max_epochs}" + (
+            f", max_steps={trainer.max_steps}" if trainer.max_steps not in (None, -1) else "")
+        return (f"training stopped after {where}, before {limits}, with no stated reason (early stopping, time limit "
+                f"or pre-emption); see the run's log for the cause; last checkpoint: "
+                f"{summary['last_checkpoint'] or 'none written'}")
+    if trainer.is_global_zero and summary["missing_checkpoints"]:
+        return (f"training ended ({summary['stopped']} after {where}) but the checkpoint it reports does not exist: "
+                f"{', '.join(summary['missing_checkpoints'])}")
+    writers = trainer.checkpoint_callbacks or [c for c in trainer.callbacks if isinstance(c, FinalCheckpoint)]
+    if trainer.is_global_zero and writers and summary["last_checkpoint"] is None and summary["global_step"] > 0:
+        return f"training ended ({summary['stopped']} after {where}) but wrote no checkpoint"
+    return None
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Cross-key checks Hydra cannot express (one-line errors)."""
-    if OmegaConf.is_missing(cfg, "split"):
-        raise BRPGInputError("split is not set; pass split=<name> (the dataset preset lists valid splits)")
+    """Cross-key checks Hydra cannot express (one-line errors); first, every mandatory key (``???``) is set."""
+    check_mandatory(cfg)
     for key in ("dataset", "model", "method", "trainer"):
         if cfg.get(key) is None:
             raise BRPGInputError(f"config group '{key}' is empty; choose one, e.g. {key}=<option>")
@@ -169,9 +237,15 @@ def check_warmup_before_sampling(cfg: DictConfig) -> None:
         )
 
 
+def check_run_dir(cfg: DictConfig) -> None:
+    """The run directory holds no other run (``run_dir.check_run_dir``: resuming in place with ``ckpt_path`` and
+    ``overwrite=true`` are allowed; only rank 0 judges)."""
+    check_directory(output_dir(cfg), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+
+
 def check_run(cfg: DictConfig) -> None:
     """Start-up checks of ``train`` (one-line errors before any data or network is built): moved ``optim``
-    keys, and the warm-up ending before BRPG's sampling."""
+    keys, the warm-up ending before BRPG's sampling, and a run directory that holds no other run."""
     optim = cfg.method.get("optim") if cfg.get("method") is not None else None
     if optim is not None:
         check_optim(optim)
@@ -179,6 +253,7 @@ def check_run(cfg: DictConfig) -> None:
     threads = cfg.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise BRPGInputError(f"num_threads={threads!r}; expected an integer >= 1 (torch intra-op threads) or null")
+    check_run_dir(cfg)
 
 
 def run(cfg: DictConfig) -> float:
@@ -192,14 +267,21 @@ def run(cfg: DictConfig) -> float:
 
 def final_report(summary: dict[str, Any]) -> str:
     """The end of a run: the per-class IoU of the last validation, then the final mIoU as the last line, beside
-    the labeled-only warm-up's best (what the unlabeled data added) and the best epoch's.
+    the labeled-only warm-up's best (what the unlabeled data added) and the best epoch's. A run that ended before
+    any validation says so, with why it ended and the checkpoint it wrote.
 
     Example:
         >>> print(final_report({"final_mIoU": 0.5, "best_mIoU": 0.52, "warmup_best_mIoU": 0.4,
         ...                     "best_checkpoint": "b.ckpt", "metrics": {"val/IoU/bg": 0.9, "val/IoU/cat": 0.1}}))
         per-class IoU (last validation): bg 0.9000 | cat 0.1000
         final val/mIoU = 0.5000 (last epoch; labeled-only warm-up best 0.4000, so +0.1000 from the unlabeled data; best epoch 0.5200, checkpoint b.ckpt)
+        >>> print(final_report({"final_mIoU": float("nan"), "validated": False, "stopped": "max_steps=2 reached",
+        ...                     "epoch": 0, "global_step": 2, "last_checkpoint": "last.ckpt", "metrics": {}}))
+        no validation ran (max_steps=2 reached after 2 steps); checkpoint last.ckpt
     """
+    if not summary.get("validated", True):
+        return (f"no validation ran ({summary.get('stopped') or 'stopped'} after {summary.get('global_step')} steps); "
+                f"checkpoint {summary.get('last_checkpoint')}")
     ious = {k[len("val/IoU/"):]: v for k, v in summary.get("metrics", {}).items() if k.startswith("val/IoU/")}
     lines = ["per-class IoU (last validation): " + " | ".join(f"{k} {v:.4f}" for k, v in ious.items())] if ious else []
     final, warmup = summary["final_mIoU"], summary.get("warmup_best_mIoU")

@@ -89,3 +89,32 @@ class PreemptionCheckpoint(pl.Callback):
             f"pre-empted (SIGTERM) at epoch {trainer.current_epoch}, step {trainer.global_step}: checkpoint "
             f"{self.path}; resume with ckpt_path={self.path}"
         )
+
+
+class FinalCheckpoint(pl.Callback):
+    """At the end of ``fit``, write ``<dirpath>/<filename>`` unless a checkpoint of the final step exists already.
+
+    The epoch-end checkpoints miss a run that ends mid-epoch (``trainer.max_steps``, a time limit, early
+    stopping checked on steps): its last steps would be lost. Not written when ``fit`` ends by an exception
+    (a non-finite loss, SIGTERM), so the checkpoints of the last good state stay as they were. ``path`` is the
+    file written, None when the final step was already saved (or no step ran).
+
+    Args:
+        dirpath: folder of the checkpoint (the run's ``checkpoints/``).
+        filename: file name (``last.ckpt``: the run's last state, as the per-epoch ``last.ckpt``).
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        self.target = Path(dirpath) / filename
+        self.path: Path | None = None
+        self._saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved_step = int(checkpoint.get("global_step", trainer.global_step))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 or self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.target)  # every rank: Lightning writes on rank 0 and synchronises
+        self.path = self.target
+        rank_zero_info(f"final checkpoint (epoch {trainer.current_epoch}, step {trainer.global_step}): {self.target}")

@@ -25,11 +25,13 @@ the module, which ``train.build_module`` gives the same value).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
@@ -44,6 +46,8 @@ from brpg_lightning.data.splits import LAYOUTS, SplitLists, load_split, make_lay
 from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol
+
+log = logging.getLogger(__name__)
 
 
 class RepeatDataset(Dataset):
@@ -101,6 +105,69 @@ def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(items)
 
 
+MISSING_CLASSES: tuple[str, ...] = ("error", "warn")
+
+
+def method_option(target: str) -> str:
+    """The ``conf/method`` option of a method class path (``...methods.mean_teacher.MeanTeacher`` ->
+    ``mean_teacher``), for messages.
+
+    >>> method_option("brpg_lightning.methods.mean_teacher.MeanTeacher")
+    'mean_teacher'
+    """
+    parts = str(target).split(".")
+    return parts[-2] if len(parts) >= 2 else str(target)
+
+
+def check_labeled_classes(
+    counts: np.ndarray, read: int, total: int, class_names: Sequence[str], where: str | Path,
+    missing_classes: str = "error",
+) -> str | None:
+    """Classes over the labeled masks (``counts``: pixels per mask value 0..255, from ``read`` of ``total``
+    masks). Raises for masks that train no object class: only 0 and 255, only 255, only 0 (the usual cause:
+    binary masks saved as 0/255, where 255 is the ignore index, so every foreground pixel is ignored and the run
+    ends at mIoU 0 with exit status 0). A class that never occurs while the others do raises with
+    ``missing_classes="error"`` when every mask was read; returns the message instead (for a warning) with
+    ``"warn"`` or when only a sample was read (a rare class can be missing from a sample). None when all is well.
+
+    >>> names = ["background", "cat", "dog"]
+    >>> check_labeled_classes(np.bincount([0, 1, 2, 255], minlength=256), 4, 4, names, "l") is None
+    True
+    >>> check_labeled_classes(np.bincount([0, 0, 255], minlength=256), 3, 3, names[:2], "l")
+    Traceback (most recent call last):
+    ...
+    brpg_lightning.errors.BRPGInputError: the labeled masks in 'l' hold only 0 and 255 (255 = ignore), so no pixel of class 1 ('cat') is ever trained; 0/255 masks: save foreground as 1 (255 marks pixels to ignore)
+    """
+    num_classes = len(class_names)
+    present = [c for c in range(num_classes) if counts[c] > 0]
+    ignored = int(counts[IGNORE_INDEX]) > 0
+    objects = ", ".join(f"{c} ('{class_names[c]}')" for c in range(1, min(num_classes, 4)))
+    objects = f"class{'es' if num_classes > 2 else ''} {objects}{', ...' if num_classes > 4 else ''}"
+    if num_classes >= 2 and read and set(present) <= {0}:
+        held = "0 and 255 (255 = ignore)" if present and ignored else "255 (ignore)" if ignored else "class 0"
+        raise BRPGInputError(
+            f"the labeled masks in '{where}' hold only {held}, so no pixel of {objects} is ever trained; "
+            f"0/255 masks: save foreground as 1 (255 marks pixels to ignore)"
+        )
+    missing = [c for c in range(num_classes) if counts[c] == 0]
+    if not missing or not read:
+        return None
+    listed = ", ".join(f"{c} ('{class_names[c]}')" for c in missing[:SHOWN_CLASSES])
+    more = f" (+{len(missing) - SHOWN_CLASSES} more)" if len(missing) > SHOWN_CLASSES else ""
+    message = (
+        f"class{'es' if len(missing) > 1 else ''} {listed}{more} never occur{'s' if len(missing) == 1 else ''} in "
+        f"{'the' if read == total else f'{read} sampled of the'} {total} labeled masks of '{where}', so "
+        f"{'it is' if len(missing) == 1 else 'they are'} never trained; is dataset.num_classes={num_classes} right? "
+        f"(0/255 masks: save foreground as 1; a split that really lacks a class: dataset.missing_classes=warn)"
+    )
+    if missing_classes == "error" and read == total:
+        raise BRPGInputError(message)
+    return message
+
+
+SHOWN_CLASSES = 5
+
+
 class SemiSupervisedDataModule(pl.LightningDataModule):
     """Datamodule over the folder layout (``data.datasets.folder``), optionally generating the synthetic set.
 
@@ -129,6 +196,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
             ``split``/``num_classes`` default to this module's and must agree with them.
         class_names: one name per class (default: synthetic names, else ``class_<i>``).
+        missing_classes: ``error`` (default): a class that never occurs in the labeled masks stops the run at
+            setup; ``warn``: a warning (a small split of many classes, e.g. COCO's, can lack rare ones). Masks
+            that hold no object class at all (0/255 binary masks) always stop it (:func:`check_labeled_classes`).
+        class_census_items: labeled masks whose classes are counted at setup (all of them when the set is not
+            larger; a larger set is sampled evenly and a missing class only warns). Masks only are decoded:
+            about 2-40 ms each (PASCAL to Cityscapes sizes), so the default bounds the pass to about a minute.
+        method: the training method's ``conf/method`` option, set by ``train.build_datamodule``; with
+            ``use_unlabeled``, an empty unlabeled set is then an error naming it (the method would silently
+            train on the labeled images alone).
         oracle_mask_dir: diagnostics only (``conf/experiment/diagnose``): folder of the unlabeled images'
             true masks; unlabeled batches then carry them as ``"mask"`` (same geometry as the weak view).
             None (default, every normal run): unlabeled batches carry no masks.
@@ -164,8 +240,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_stride: int | None = None,
         check_items: int = 8,
         oracle_mask_dir: str | None = None,
+        missing_classes: str = "error",
+        class_census_items: int = 2000,
+        method: str | None = None,
     ) -> None:
         super().__init__()
+        if missing_classes not in MISSING_CLASSES:
+            raise BRPGInputError(f"dataset.missing_classes={missing_classes!r}; expected one of {', '.join(MISSING_CLASSES)}")
+        self.missing_classes, self.class_census_items = str(missing_classes), int(class_census_items)
+        self.method = None if method is None else str(method)
         self.oracle_mask_dir = None if oracle_mask_dir is None else Path(str(oracle_mask_dir))
         self.name = str(name)
         self.root = Path(str(root))
@@ -293,6 +376,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             elif (self.root / "unlabeled" / "images").is_dir():  # SupOnly: count only, for the same epoch length
                 self.num_unlabeled_images = len(FolderDataset(self.root, "unlabeled", self.num_classes, allow_empty=True))
             where_l, where_u = self.root / "labeled" / "images", self.root / "unlabeled" / "images"
+        if self.use_unlabeled and self.method is not None and not self.num_unlabeled_images:
+            raise BRPGInputError(
+                f"no unlabeled images for a semi-supervised method (method={self.method}) in '{where_u}'; add "
+                f"unlabeled images, or train on the labeled ones alone with method=supervised brpg=none"
+            )
         if self.num_unlabeled_images and self.num_unlabeled_images < self.batch_size_unlabeled:
             raise BRPGInputError(
                 f"'{where_u}' holds {self.num_unlabeled_images} images, fewer than "
@@ -303,6 +391,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 f"'{where_l}' holds {len(labeled)} images, fewer than batch_size_labeled={self.batch_size_labeled}"
             )
         labeled.check_sample(self.check_items)
+        counts, read = labeled.mask_value_counts(self.class_census_items)
+        where_masks = where_l if self.uses_split_lists else self.root / "labeled" / "masks"
+        warning = check_labeled_classes(counts, read, len(labeled), self.class_names, where_masks, self.missing_classes)
+        if warning is not None:
+            log.warning("%s", warning)
         if self.unlabeled_set is not None:
             self.unlabeled_set.check_sample(min(self.check_items, 2))
         self.labeled_set = labeled

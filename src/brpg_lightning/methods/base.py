@@ -10,11 +10,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.errors import BRPGInputError, NonFiniteLossError
 from brpg_lightning.methods.context import StepContextHook, TrainStepContext
 from brpg_lightning.methods.losses import SupervisedLoss
 from brpg_lightning.methods.optimizers import check_optim, factory_lr, optimizer_factory
@@ -23,6 +24,7 @@ from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
 from brpg_lightning.models.output import SegmentorOutput, as_probabilities
 
 LR_SCALINGS = ("none", "linear")
+NONFINITE_LOSS = ("stop", "skip")
 
 
 def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, reference_batch: int) -> float:
@@ -60,6 +62,9 @@ class SegmentationModule(pl.LightningModule):
         eval_protocol: how validation and test evaluate (:class:`~brpg_lightning.models.inference.EvalProtocol`,
             or its :meth:`~brpg_lightning.models.inference.EvalProtocol.as_dict`); None: the whole image.
             ``train.build_module`` fills it from the dataset config; it is stored in the checkpoint.
+        nonfinite_loss: a NaN or inf in the step's loss: ``stop`` the run with one line naming the term, epoch,
+            step and last good checkpoint, or ``skip`` the step (no backward pass, no optimiser step; the forward
+            pass's side effects, e.g. BRPG's bank sampling and the EMA teacher update, still happen).
     """
 
     uses_unlabeled: bool = True
@@ -80,6 +85,7 @@ class SegmentationModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
         sup_only_epochs: int | None = None,
         eval_protocol: EvalProtocol | dict[str, Any] | None = None,
+        nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["segmentor", "segmentor2", "eval_protocol"])
@@ -102,12 +108,22 @@ class SegmentationModule(pl.LightningModule):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise BRPGInputError(f"sup_only_epochs={sup_only_epochs!r}; expected an integer >= 0 (or null)")
         self.sup_only_epochs = warmup
+        if nonfinite_loss not in NONFINITE_LOSS:
+            raise BRPGInputError(f"nonfinite_loss={nonfinite_loss!r}; expected one of {', '.join(NONFINITE_LOSS)}")
+        self.nonfinite_loss = nonfinite_loss
+        self.nonfinite_skipped = 0
 
     # ------------------------------------------------------------------ method interface
     @property
     def eval_model(self) -> nn.Module:
         """The network that is evaluated and exported (the student here; the teacher for mean teacher)."""
         return self.student
+
+    def eval_networks(self) -> list[nn.Module]:
+        """The submodules :attr:`eval_model` runs, whose classification logits it averages when there are
+        several (CPS with ``eval_on=mean``). The checkpoint's ``inference`` block names them
+        (``eval_prefix``, ``eval_prefixes``) so that ``predict`` and ``export`` rebuild the same network."""
+        return [self.eval_model]
 
     def compute_step(self, batch: dict[str, Any]) -> TrainStepContext | list[TrainStepContext]:
         """Forward passes and the method's own losses for one step after the warm-up; a filled context (one
@@ -135,12 +151,14 @@ class SegmentationModule(pl.LightningModule):
         return self.eval_model(x)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         result = self.method_step(batch)
         contexts = result if isinstance(result, list) else [result]
         for ctx in contexts:
             self.publish_step_context(ctx)
         loss = torch.stack([ctx.total_loss() for ctx in contexts]).sum()
+        if not self.check_finite(loss, contexts):
+            return None  # Lightning skips the backward pass and the optimiser step
         bsz = contexts[0].labels.shape[0]
         for ctx in contexts:
             prefix = "" if len(contexts) == 1 else f"{ctx.network}/"
@@ -148,6 +166,37 @@ class SegmentationModule(pl.LightningModule):
                 self.log(f"train/{prefix}{name}", value.detach(), batch_size=bsz)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bsz)
         return loss
+
+    def check_finite(self, loss: Tensor, contexts: list[TrainStepContext]) -> bool:
+        """Whether the step's summed ``loss`` is finite; one host sync per step (under DDP the flag is summed
+        over ranks first, so every rank decides alike). When it is not, the terms are read to name the
+        culprit, then ``nonfinite_loss=stop`` raises :class:`~brpg_lightning.errors.NonFiniteLossError` (the
+        checkpoints written so far stay as they are) and ``skip`` warns and returns False (the step is skipped).
+        """
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):
+            return True
+        terms = [
+            f"{name if len(contexts) == 1 else f'{ctx.network}/{name}'} = {value.detach().float().item()}"
+            for ctx in contexts for name, value in ctx.losses.items() if not bool(torch.isfinite(value.detach()).all())
+        ]
+        what = ", ".join(terms) if terms else "a loss term on another process"
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if self.nonfinite_loss == "skip":
+            self.nonfinite_skipped += 1
+            rank_zero_warn(f"non-finite loss: {what} at {where}; step skipped (nonfinite_loss=skip, "
+                           f"{self.nonfinite_skipped} skipped so far)")
+            return False
+        from brpg_lightning.checkpoint import last_good_checkpoint
+
+        good = last_good_checkpoint(trainer) if trainer is not None else None
+        raise NonFiniteLossError(
+            f"non-finite loss: {what} at {where}; training stopped, last good checkpoint: "
+            f"{good or 'none written yet'} (nonfinite_loss=skip skips such steps instead)"
+        )
 
     def publish_step_context(self, ctx: TrainStepContext) -> None:
         """Hand ``ctx`` to every callback implementing ``on_train_step_context`` (e.g. BRPG), in order.
@@ -310,10 +359,18 @@ class SegmentationModule(pl.LightningModule):
             return
         from brpg_lightning.checkpoint import inference_metadata
 
-        prefix = next(name for name, m in self.named_modules() if m is self.eval_model)
+        names = {id(m): name for name, m in self.named_modules()}
+        networks = self.eval_networks()
+        strays = [type(m).__name__ for m in networks if id(m) not in names]
+        if strays:  # a RuntimeError, never StopIteration: the training loop reads that as the end of its data
+            raise RuntimeError(
+                f"{type(self).__name__}.eval_networks() returns {', '.join(strays)}, not a submodule: the "
+                f"checkpoint could not name the evaluated weights"
+            )
+        prefixes = [f"{names[id(m)]}." if names[id(m)] else "" for m in networks]
         geometry = getattr(self.student, "align_corners", None)  # the built network's, not the config's default
         checkpoint["inference"] = inference_metadata(
-            run_config, self.class_names, f"{prefix}." if prefix else "", align_corners=geometry,
+            run_config, self.class_names, prefixes[0] if len(prefixes) == 1 else prefixes, align_corners=geometry,
             eval_protocol=self.eval_protocol,
         )
 

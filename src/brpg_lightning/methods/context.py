@@ -70,13 +70,12 @@ class TrainStepContext:
     def add_loss(self, name: str, value: Tensor) -> None:
         """Add a (weighted) loss term; it joins the backward pass of this step.
 
-        Raises ``ValueError`` for a duplicate name, and ``FloatingPointError`` for a non-finite value
-        (a NaN loss must never reach the optimiser silently).
+        Raises ``ValueError`` for a duplicate name. A non-finite value is not checked here (a host sync per
+        term): the method's ``training_step`` checks the summed loss once per step and names the term
+        (``SegmentationModule.check_finite``).
         """
         if name in self.losses:
             raise ValueError(f"loss {name!r} was already added this step")
-        if not torch.isfinite(value.detach()).all():
-            raise FloatingPointError(f"loss {name!r} is not finite: {value.detach().item()}")
         self.losses[name] = value
 
     def total_loss(self) -> Tensor:

@@ -12,22 +12,9 @@ from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.pseudo_label import masked_cross_entropy
-from brpg_lightning.models.output import SegmentorOutput
+from brpg_lightning.models.ensemble import MeanLogits
 
 EVAL_ON = ("net1", "mean")
-
-
-class MeanLogits(nn.Module):
-    """Both networks on the same input; logits averaged, features and decoder map of the first."""
-
-    def __init__(self, net1: nn.Module, net2: nn.Module) -> None:
-        super().__init__()
-        self.net1, self.net2 = net1, net2
-
-    def forward(self, x: torch.Tensor) -> SegmentorOutput:
-        a, b = self.net1(x), self.net2(x)
-        logits = (a.logits + b.logits) / 2
-        return SegmentorOutput(logits, a.features, a.decoder, a.stride, align_corners=a.align_corners)
 
 
 class CPS(SegmentationModule):
@@ -65,6 +52,10 @@ class CPS(SegmentationModule):
     @property
     def eval_model(self) -> nn.Module:
         return self.student if self.eval_on == "net1" else MeanLogits(self.student, self.net2)
+
+    def eval_networks(self) -> list[nn.Module]:
+        # the wrapper above is built on every access and is not a submodule: the checkpoint names its members
+        return [self.student] if self.eval_on == "net1" else [self.student, self.net2]
 
     def trained_networks(self) -> list[nn.Module]:
         return [self.student, self.net2]

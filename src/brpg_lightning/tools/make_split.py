@@ -66,10 +66,42 @@ def draw_split(layout: Layout, labeled: str, seed: int) -> tuple[list[str], list
     return labeled_lines, unlabeled_lines, val_lines
 
 
+def seed_value(value: str) -> int:
+    """``seed=<n>``: a non-negative integer (numpy's ``default_rng`` takes no negative seed).
+
+    >>> seed_value("7")
+    7
+    >>> seed_value("-1")
+    Traceback (most recent call last):
+    ...
+    brpg_lightning.errors.BRPGInputError: seed=-1; expected an integer >= 0
+    """
+    try:
+        seed = int(value)
+    except ValueError:
+        raise BRPGInputError(f"seed={value!r}; expected an integer >= 0") from None
+    if seed < 0:
+        raise BRPGInputError(f"seed={value}; expected an integer >= 0")
+    return seed
+
+
+def split_text(lines: list[str]) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+def check_outputs(files: dict[Path, str]) -> None:
+    """Refuse before anything is written: an output that exists with other contents (never overwritten), or
+    one that is a folder; so a refused run leaves no half-written split behind."""
+    for path, text in files.items():
+        if path.exists() and (not path.is_file() or path.read_text() != text):
+            raise BRPGInputError(
+                f"'{path}' exists with other contents; choose another out= or name= (never overwritten)"
+            )
+
+
 def write_lines(path: Path, lines: list[str]) -> None:
-    text = "".join(f"{line}\n" for line in lines)
-    if path.is_file() and path.read_text() != text:
-        raise BRPGInputError(f"'{path}' exists with other contents; choose another out= or name= (never overwritten)")
+    text = split_text(lines)
+    check_outputs({path: text})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -95,17 +127,19 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def make_split(argv: list[str]) -> Path:
     """Run the tool; returns the split folder written."""
     own, overrides = parse(argv)
+    seed = seed_value(own.get("seed", "0"))
     register_resolvers()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     ds = cfg.dataset
     layout = make_layout(str(ds.get("layout") or "folder"), str(ds.root), ds.get("mask_dir"), ds.get("label_format"))
-    labeled, unlabeled, val = draw_split(layout, own["labeled"], int(own.get("seed", 0)))
+    labeled, unlabeled, val = draw_split(layout, own["labeled"], seed)
     out = Path(own["out"])
     name = own.get("name") or str(len(labeled))
-    write_lines(out / name / "labeled.txt", labeled)
-    write_lines(out / name / "unlabeled.txt", unlabeled)
-    write_lines(out / "val.txt", val)
+    files = {out / name / "labeled.txt": labeled, out / name / "unlabeled.txt": unlabeled, out / "val.txt": val}
+    check_outputs({path: split_text(lines) for path, lines in files.items()})  # every output, then any write
+    for path, lines in files.items():
+        write_lines(path, lines)
     print(f"split '{name}' of {layout.name} '{layout.root}': {len(labeled)} labeled, {len(unlabeled)} unlabeled, "
           f"{len(val)} val -> {out / name} (train with dataset.split_dir={out} split={name})")
     return out / name

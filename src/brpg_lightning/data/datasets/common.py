@@ -277,6 +277,21 @@ class PairDataset(Dataset):
         item["name"] = self.names[index]
         return item
 
+    def mask_value_counts(self, count: int) -> tuple[np.ndarray, int]:
+        """Pixel counts of each mask value 0..255 (``IGNORE_INDEX`` included) over the masks of ``count`` evenly
+        spaced items (all when ``count >= len``), and how many masks were read. Only masks are decoded (values
+        checked as on every load); the images are not."""
+        counts = np.zeros(256, np.int64)
+        n = len(self)
+        if count <= 0 or n == 0 or not self.has_masks:
+            return counts, 0
+        indices = sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist()))
+        for index in indices:
+            mask = self.samples[index].mask
+            assert mask is not None
+            counts += np.bincount(read_mask(mask, self.num_classes, self.lut, self.palette).ravel(), minlength=256)
+        return counts, len(indices)
+
     def check_sample(self, count: int) -> None:
         """Decode ``count`` evenly spaced items (all when ``count >= len``): readable images, mask values and
         sizes. The cheap pre-pass run at setup; every later load checks its own item again."""

@@ -1,0 +1,66 @@
+"""Lightning plugins the trainer config adds (``conf/trainer/default.yaml``: ``plugins``)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic and durable: a checkpoint file is the old one or the
+    new one, never a torn one, also after a crash or a power loss.
+
+    The checkpoint is written to a hidden temporary file in the target's directory (``.<name>.tmp-<pid>-<id>``),
+    flushed and ``fsync``-ed, renamed over the target (``os.replace``: atomic within one filesystem), and the
+    directory is ``fsync``-ed so that the rename itself is on disk. Lightning's own ``TorchCheckpointIO``
+    serialises into memory and moves a file from the system temporary directory, which is a copy (not atomic)
+    when that directory is on another filesystem, and syncs nothing. A failed write removes its temporary file;
+    a process killed while writing leaves it (hidden, never a ``*.ckpt``) next to the intact target.
+
+    Remote paths (``s3://``, ...) go to Lightning's implementation unchanged.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        # O_EXCL: never another writer's file; mode 0o666 under the umask, as a plain open() would create it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["AtomicCheckpointIO"]

@@ -1,0 +1,284 @@
+"""User mistakes: each stops before the work with exit status 2, exactly one ``error:`` line naming the key, file
+or value, no traceback, and every file the user made unchanged (hashed before and after).
+
+One table of cases run in-process through the CLI's own exit path (``cli.exit_on_bad_input``); subprocesses only
+where the path before the task matters (Hydra's start-up), one per entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brpg_lightning.cli import exit_on_bad_input
+from tests.conftest import compose_cfg
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+
+FOLDER_RUN = (
+    "dataset=folder",
+    "dataset.crop_size=16",
+    "dataset.batch_size_labeled=2",
+    "dataset.batch_size_unlabeled=2",
+    "dataset.batch_size_val=2",
+    "dataset.num_workers=0",
+    "dataset.persistent_workers=false",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "+trainer.limit_train_batches=1",
+    "+trainer.limit_val_batches=1",
+    "callbacks.progress_bar.refresh_rate=0",
+    "model.weights_path=null",
+)
+"""A folder-layout run small enough to reach the datamodule's setup in seconds (it never gets further here)."""
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """``{path: sha256}`` of every file under ``roots`` (a missing root hashes as nothing)."""
+    out = {}
+    for root in roots:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def folder_data(root: Path, masks: list[np.ndarray], n_unlabeled: int = 4) -> Path:
+    """``<root>/{labeled,unlabeled,val}`` with 16x16 images; one labeled image per mask, val masks like the first."""
+    rng = np.random.default_rng(0)
+    for sub in ("labeled/images", "labeled/masks", "unlabeled/images", "val/images", "val/masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, mask in enumerate(masks):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "labeled/images" / f"l{i}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(root / "labeled/masks" / f"l{i}.png")
+    for i in range(n_unlabeled):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "unlabeled/images" / f"u{i}.png")
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "val/images" / f"v{i}.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "val/masks" / f"v{i}.png")
+    return root
+
+
+def binary(foreground: int, background: int | None = 0) -> list[np.ndarray]:
+    """Four masks: a square of ``foreground`` on ``background`` (None: all ``foreground``)."""
+    masks = []
+    for i in range(4):
+        m = np.full((16, 16), foreground if background is None else background, np.uint8)
+        m[2 + i : 10 + i, 3:11] = foreground
+        masks.append(m)
+    return masks
+
+
+def finished_run(run: Path) -> Path:
+    """A run directory as a finished run leaves it (Hydra's files, checkpoints, metrics, CSV log)."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights of the finished run")
+    (run / "metrics.json").write_text('{"final_mIoU": 0.61}')
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text("epoch,val/mIoU\n0,0.61\n")
+    (run / "train.log").write_text("the finished run's log\n")
+    return run
+
+
+@dataclass
+class Case:
+    """``call(tmp_path) -> (function, argument, files to keep)``: ``exit_on_bad_input(function)(argument)`` must
+    exit 2 with one ``error:`` line holding every string of ``names``."""
+
+    call: Callable[[Path], tuple[Callable, object, list[Path]]]
+    names: tuple[str, ...]
+
+
+def _train_into_finished_run(tmp: Path):
+    from brpg_lightning.train import run
+
+    target = finished_run(tmp / "runs" / "89")
+    return run, compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={tmp / 'none'}",
+                            output_dir=target), [target]
+
+
+def _train_from_another_runs_checkpoint(tmp: Path):
+    from brpg_lightning.train import run
+
+    target = finished_run(tmp / "runs" / "89")
+    other = finished_run(tmp / "runs" / "90")
+    cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"ckpt_path={other / 'checkpoints' / 'last.ckpt'}",
+                      output_dir=target)
+    return run, cfg, [target, other]
+
+
+def _train_data(masks: list[np.ndarray], num_classes: int, n_unlabeled: int = 4, *extra: str):
+    def call(tmp: Path):
+        from brpg_lightning.train import run
+
+        data = folder_data(tmp / "data", masks, n_unlabeled)
+        cfg = compose_cfg(*FOLDER_RUN, f"dataset.num_classes={num_classes}", f"dataset.root={data}", *extra,
+                          output_dir=tmp / "run")
+        return run, cfg, [data]
+
+    return call
+
+
+def _predict_colliding_stems(tmp: Path):
+    from brpg_lightning.predict import run
+
+    inp = tmp / "photos"
+    (inp / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "a.png", "sub/a.jpg", "b.png"):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(inp / name)
+    ckpt = tmp / "model.ckpt"
+    ckpt.write_bytes(b"never read: the inputs are checked first")
+    out = tmp / "preds"
+    cfg = compose_cfg(f"ckpt_path={ckpt}", f"input={inp}", f"output={out}", "progress=false",
+                      config_name="predict")
+    return run, cfg, [inp, out]
+
+
+def _evaluate_into_unwritable_folder(tmp: Path):
+    from brpg_lightning.evaluate import run
+
+    ckpt = tmp / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"never read: the report folder is checked first")
+    # /proc refuses new files even to root (permission bits alone do not stop root)
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "output=/proc/self/brpg-reports", "trainer.accelerator=cpu",
+                      config_name="evaluate")
+    return run, cfg, [ckpt.parent]
+
+
+def _unset(config_name: str, *overrides: str):
+    def call(tmp: Path):
+        import importlib
+
+        module = importlib.import_module({"train": "brpg_lightning.train"}.get(config_name, f"brpg_lightning.{config_name}"))
+        return module.run, compose_cfg(*overrides, output_dir=tmp / "run", config_name=config_name), []
+
+    return call
+
+
+def _make_split(*args: str, existing_val: bool = False):
+    def call(tmp: Path):
+        from brpg_lightning.tools.make_split import main
+
+        data = folder_data(tmp / "data", binary(1) * 2)
+        out = tmp / "splits"
+        if existing_val:
+            out.mkdir()
+            (out / "val.txt").write_text("someone else's val list\n")
+        argv = ["dataset=folder", f"dataset.root={data}", "labeled=2", f"out={out}", *args]
+        return main, argv, [data, out]
+
+    return call
+
+
+CASES: dict[str, Case] = {
+    "train into a finished run": Case(_train_into_finished_run, ("runs/89", "overwrite=true", "ckpt_path=")),
+    "train into a finished run, resuming another": Case(_train_from_another_runs_checkpoint, ("runs/89",)),
+    "binary masks saved as 0/255": Case(_train_data(binary(255), 2), ("labeled/masks", "only 0 and 255",
+                                                                     "0/255 masks: save foreground as 1")),
+    "masks only 255": Case(_train_data(binary(255, None), 2), ("labeled/masks", "only 255 (ignore)",
+                                                              "0/255 masks: save foreground as 1")),
+    "a class never occurs": Case(_train_data(binary(1), 3), ("class 2 ('class_2') never occurs", "labeled/masks",
+                                                            "dataset.num_classes=3")),
+    "no unlabeled images, mean teacher + BRPG": Case(
+        _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
+                                       "unlabeled/images")),
+    "no unlabeled images, FixMatch": Case(_train_data(binary(1), 2, 0, "method=fixmatch"), ("(method=fixmatch)",)),
+    "predict: stems collide": Case(_predict_colliding_stems, ("'a.jpg', 'a.png' -> 'a.png'", "photos")),
+    "evaluate: report folder not writable": Case(_evaluate_into_unwritable_folder,
+                                                 ("/proc/self/brpg-reports", "output=<folder>")),
+    "train: dataset.num_classes unset": Case(_unset("train", "dataset=folder"),
+                                             ("dataset.num_classes is not set", "dataset.num_classes=5")),
+    "evaluate: ckpt_path unset": Case(_unset("evaluate"), ("ckpt_path is not set", "ckpt_path=outputs/")),
+    "predict: ckpt_path unset": Case(_unset("predict", "input=x", "output=y"), ("ckpt_path is not set",)),
+    "export: ckpt_path unset": Case(_unset("export"), ("ckpt_path is not set",)),
+    "make_split: seed=-1": Case(_make_split("seed=-1"), ("seed=-1", "integer >= 0")),
+    "make_split: seed=abc": Case(_make_split("seed=abc"), ("seed='abc'", "integer >= 0")),
+    "make_split: another val.txt": Case(_make_split("seed=0", existing_val=True), ("val.txt", "never overwritten")),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mistake_is_one_line_before_the_work(name: str, tmp_path: Path, capsys) -> None:
+    case = CASES[name]
+    fn, arg, keep = case.call(tmp_path)
+    before = tree_hashes(*keep)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        exit_on_bad_input(fn)(arg)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert all(s in lines[0] for s in case.names), lines[0]
+    assert "Traceback" not in err
+    assert tree_hashes(*keep) == before  # nothing the user made was written over, nothing half-written
+    if name.startswith("make_split"):
+        assert not list((tmp_path / "splits").rglob("labeled.txt"))
+
+
+def test_run_directory_rules(tmp_path: Path, monkeypatch) -> None:
+    """Allowed: a fresh or empty directory, Hydra's own files alone, resuming in place, overwrite=true, and every
+    DDP rank Lightning re-launches into rank 0's directory."""
+    from brpg_lightning.errors import BRPGInputError
+    from brpg_lightning.run_dir import LAUNCH_RANK_VARIABLES, check_run_dir
+
+    for name in LAUNCH_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    check_run_dir(tmp_path / "new")
+    (tmp_path / "hydra_only" / ".hydra").mkdir(parents=True)
+    (tmp_path / "hydra_only" / "checkpoints").mkdir()  # empty: nothing to lose
+    check_run_dir(tmp_path / "hydra_only")
+    run = finished_run(tmp_path / "run")
+    check_run_dir(run, ckpt_path=run / "checkpoints" / "last.ckpt")
+    check_run_dir(run, overwrite=True)
+    with pytest.raises(BRPGInputError, match="metrics.json"):
+        check_run_dir(run)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning's launcher re-ran
+    check_run_dir(run)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # rank 0 of the second node
+    check_run_dir(run)
+
+
+def test_missing_classes_warn_and_sampled_census_only_warn() -> None:
+    from brpg_lightning.data.datamodule import check_labeled_classes
+
+    counts = np.bincount([0, 1, 255], minlength=256)
+    names = ["background", "cat", "dog"]
+    assert "'dog'" in check_labeled_classes(counts, 3, 3, names, "l", "warn")
+    assert "2 sampled of the 9" in check_labeled_classes(counts, 2, 9, names, "l", "error")  # a sample: warn only
+
+
+def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_refuses_a_finished_run_directory_before_hydra_writes(tmp_path: Path) -> None:
+    """``hydra.run.dir=runs/89`` holding a finished run: refused before Hydra replaces its ``.hydra/``."""
+    run = finished_run(tmp_path / "runs" / "89")
+    before = tree_hashes(run)
+    proc = _cli("brpg_lightning", "hydra.run.dir=runs/89", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "runs/89" in line and "overwrite=true" in line and "Traceback" not in proc.stderr
+    assert tree_hashes(run) == before
+
+
+def test_cli_unset_mandatory_key_is_one_line(tmp_path: Path) -> None:
+    """Hydra composes ``???`` without complaint; the entry point names the key before OmegaConf's traceback."""
+    proc = _cli("brpg_lightning.evaluate", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "ckpt_path is not set" in line and "Traceback" not in proc.stderr
