@@ -58,7 +58,8 @@ def test_train_three_stages_then_evaluate(tmp_path: Path) -> None:
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert ev.returncode == 0, ev.stderr[-4000:]
-    miou = float(ev.stdout.strip().splitlines()[-1].split("=")[1].split()[0])
+    (line,) = [x for x in ev.stdout.splitlines() if x.startswith("val/mIoU = ")]
+    miou = float(line.split("=")[1].split()[0])
     assert abs(miou - summary["final_mIoU"]) < 1e-3
 
 

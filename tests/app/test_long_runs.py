@@ -25,7 +25,11 @@ from brpg_lightning.errors import BRPGInputError, BRPGRunError
 from brpg_lightning.plugins import AtomicCheckpointIO
 from tests.conftest import TINY, compose_cfg
 
-ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV = {  # the spawned runs import this module's test-only callbacks (tests.app.test_long_runs)
+    **os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+}
 FAST = (*TINY, "brpg=none")
 
 
