@@ -5,12 +5,11 @@ prototypes right after clustering and after the EMA updates, the weights and the
 identical on both ranks, and right, which rank 0's state broadcast to rank 1 would not be: the banks hold both
 ranks' samples in rank order (a one-process replay of the recorded pushes), the prototypes follow one-process
 EMA updates on the summed statistics. Validation over 2 ranks equals one device's on a set 2 ranks cannot split
-evenly (``tests/app/ddp_val_check.py``). One run writes one run directory (the Hydra + DDP trap).
+evenly. One run writes one run directory (the Hydra + DDP trap).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from brpg_lightning.brpg.memory_bank import MemoryBank
 from brpg_lightning.brpg.prototype_update import ema_update
@@ -130,18 +130,67 @@ def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> No
     _assert_equal({k: w0[k] for k in params}, {k: w1[k] for k in params}, "weights")
 
 
-@pytest.mark.slow
+def _val_worker(rank: int, world: int, port: int, cfg, results: dict) -> None:  # noqa: ANN001
+    """One rank: the datamodule's validation loader under a gloo group, a fixed prediction per image (the mask
+    rolled by one pixel, so the IoU depends on which images are counted) into torchmetrics' IoU, synced."""
+    from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    from brpg_lightning.train import build_datamodule
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        datamodule = build_datamodule(cfg)
+        datamodule.setup("validate")
+        loader = datamodule.val_dataloader()
+        if not isinstance(loader.sampler, DistributedSampler):  # what Lightning's validation loop does then
+            sampler = _get_distributed_sampler(loader, shuffle=False, overfit_batches=0, mode=RunningStage.VALIDATING,
+                                               num_replicas=world, rank=rank)
+            loader = _update_dataloader(loader, sampler, mode=RunningStage.VALIDATING)
+        miou = MulticlassJaccardIndex(len(datamodule.class_names), ignore_index=255, average="macro")
+        for batch in loader:
+            miou.update(_fixed_prediction(batch["mask"]), batch["mask"])
+        results[rank] = {"indices": list(iter(loader.sampler)), "mIoU": float(miou.compute())}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _fixed_prediction(masks: torch.Tensor) -> torch.Tensor:
+    pred = torch.roll(masks, 1, dims=-1)
+    return pred.masked_fill(pred == 255, 0)
+
+
 @pytest.mark.ddp
-def test_ddp_cpu_validation_counts_every_image_once(tmp_path: Path) -> None:
-    """7 validation images on 2 ranks: 4 + 3, no image twice, and the synced mIoU is one device's."""
-    script = REPO_ROOT / "tests" / "app" / "ddp_val_check.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "data")], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"val_rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["world_size"] == 2 and sorted(r0["indices"] + r1["indices"]) == list(range(7))
-    assert r0["ddp_mIoU"] == r1["ddp_mIoU"]
-    assert r0["ddp_mIoU"] == pytest.approx(r0["single_mIoU"], abs=1e-6)
+def test_ddp_validation_counts_every_image_once(tmp_path: Path) -> None:
+    """7 validation images on 2 ranks: 4 + 3, none twice, and the synced mIoU is one process's over the 7
+    (Lightning's default sampler would pad rank 1 with a repeat of rank 0's first image). The worker does what
+    Lightning's validation loop does: it keeps a loader's own ``DistributedSampler`` and injects its default
+    one otherwise."""
+    import torch.multiprocessing as mp
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    from brpg_lightning.train import build_datamodule
+    from tests.brpg.test_distributed import _free_port
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(*TINY, f"dataset.root={tmp_path / 'data'}", "dataset.synthetic.val_size=7",
+                      "dataset.batch_size_val=2", output_dir=tmp_path / "run")
+    OmegaConf.resolve(cfg)  # the spawned processes have no Hydra context to resolve ${hydra:...} in
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    single = MulticlassJaccardIndex(len(datamodule.class_names), ignore_index=255, average="macro")
+    for batch in datamodule.val_dataloader():  # no process group: every image once, in order
+        single.update(_fixed_prediction(batch["mask"]), batch["mask"])
+    results = mp.Manager().dict()
+    mp.spawn(_val_worker, args=(2, _free_port(), cfg, results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    assert sorted(r0["indices"] + r1["indices"]) == list(range(7)) and len(r0["indices"]) == 4
+    assert r0["mIoU"] == r1["mIoU"] == pytest.approx(float(single.compute()), abs=1e-6)
 
 
 @pytest.mark.slow
