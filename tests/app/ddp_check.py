@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+import brpg_lightning.brpg.prototype_memory as pm
 from brpg_lightning.brpg.callback import brpg_callbacks
 from brpg_lightning.brpg.prototype_memory import PrototypeMemory
 
@@ -47,12 +48,50 @@ class RankStateDump(pl.Callback):
     """Write ``<dirpath>/rank<r>_<tag>.pt`` on every rank.
 
     Tags: ``epoch<e>`` at each training epoch end, ``clustered`` after the first prototype step (the
-    prototypes right after K-Means, before EMA updates drift them), ``student`` at the end of fit.
+    prototypes right after K-Means, before EMA updates drift them), ``student`` at the end of fit, and there
+    too ``pushes`` (this rank's own samples of every step, before the gather: ``[(bank, feats, labels)]``) and
+    ``ema`` (every prototype EMA update: the prototypes before and after, this rank's assignment sums and
+    counts before the all-reduce and the reduced ones the update used). The last two record what the BRPG code
+    does by wrapping its functions in this process: single-BRPG runs only.
     """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.clustered = False
+        self.pushes: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.ema: list[dict[str, Any]] = []
+        self._local: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cbs = brpg_callbacks(trainer)
+        if len(cbs) != 1:
+            return
+        memory = next(iter(cbs.values())).memory
+        push, stats, ema = PrototypeMemory._push, pm.assignment_stats, pm.ema_update
+
+        def recording_push(bank, conf_bank, feats, labels, conf):  # noqa: ANN001, ANN202
+            name = "bank_high" if bank is memory.bank_high else "bank_low"
+            self.pushes.append((name, feats.detach().cpu().clone(), labels.detach().cpu().clone()))
+            return push(bank, conf_bank, feats, labels, conf)
+
+        def recording_stats(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            s, n = stats(*args, **kwargs)
+            self._local.append((s.detach().cpu().clone(), n.detach().cpu().clone()))
+            return s, n
+
+        def recording_ema(prototypes, sums, counts, alpha=0.99):  # noqa: ANN001, ANN202
+            local_sums, local_counts = self._local[0]
+            for s, n in self._local[1:]:
+                local_sums, local_counts = local_sums + s, local_counts + n
+            self._local.clear()
+            after = ema(prototypes, sums, counts, alpha)
+            self.ema.append({"before": prototypes.detach().cpu().clone(), "after": after.detach().cpu().clone(),
+                             "local_sums": local_sums, "local_counts": local_counts, "alpha": float(alpha),
+                             "sums": sums.detach().cpu().clone(), "counts": counts.detach().cpu().clone()})
+            return after
+
+        memory._push = recording_push
+        pm.assignment_stats, pm.ema_update = recording_stats, recording_ema
 
     def _dump(self, trainer: pl.Trainer, tag: str, payload: dict[str, Any]) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -77,3 +116,5 @@ class RankStateDump(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         self._dump(trainer, "student", weights)
+        self._dump(trainer, "pushes", {"pushes": self.pushes})
+        self._dump(trainer, "ema", {"ema": self.ema})

@@ -34,7 +34,8 @@ def test_train_three_stages_then_evaluate(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= summary["final_mIoU"] <= 1.0
     # the last line's comparison: the labeled-only warm-up (TINY: epoch 0) is the best val mIoU of its epochs
-    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    with (run_dir / "csv" / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
     warmup = [float(r["val/mIoU"]) for r in rows if r.get("val/mIoU") and int(float(r["epoch"])) < 1]
     assert warmup and summary["warmup_best_mIoU"] == pytest.approx(max(warmup))
     assert f"labeled-only warm-up best {max(warmup):.4f}" in last_line
@@ -58,7 +59,7 @@ def test_train_three_stages_then_evaluate(tmp_path: Path) -> None:
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert ev.returncode == 0, ev.stderr[-4000:]
-    (line,) = [x for x in ev.stdout.splitlines() if x.startswith("val/mIoU = ")]
+    (line,) = [ln for ln in ev.stdout.splitlines() if ln.startswith("val/mIoU = ")]  # a report line follows it
     miou = float(line.split("=")[1].split()[0])
     assert abs(miou - summary["final_mIoU"]) < 1e-3
 
@@ -70,6 +71,12 @@ def test_baselines_train_in_process(tiny_cfg, experiment: str, tmp_path: Path) -
 
     cfg = tiny_cfg(f"experiment={experiment}", "trainer.max_epochs=1", f"dataset.root={tmp_path / experiment}")
     summary, objects = train(cfg)
-    assert 0.0 <= summary["final_mIoU"] <= 1.0
+    trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
     assert summary["warmup_best_mIoU"] is None  # labeled-only methods have no warm-up to compare with
-    assert not objects["module"].uses_unlabeled
+    assert not module.uses_unlabeled
+    # sup_only sees the 16 labeled images of the split, the ceiling every training image (TINY: 40, 8 for val)
+    assert len(datamodule.labeled_set) == {"sup_only": 16, "ceiling": 40}[experiment]
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    # the reported mIoU is the trained weights' on the validation set, not a stale or default value
+    again = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/mIoU"]
+    assert summary["final_mIoU"] == pytest.approx(again, abs=1e-6) and summary["final_mIoU"] > 0.0

@@ -19,8 +19,15 @@ SIZES = [(1, 64, 96), (2, 77, 50)]  # neither a multiple of the encoder's 16 px:
 
 
 def export_cfg(ckpt: Path, fmt: str, out: Path, *overrides: str):
-    return compose_cfg(f"ckpt_path={ckpt}", f"format={fmt}", f"output={out}", "verify=false", *overrides,
+    return compose_cfg(f"ckpt_path={ckpt}", f"format={fmt}", f"output={out}", "verify=true", *overrides,
                        config_name="export")
+
+
+def assert_verified(result: dict) -> None:
+    """The export's own parity check (``verify=true``, what users run) ran on the configured sizes and passed."""
+    sizes = [row["size"] for row in result["parity"]]
+    assert len(sizes) == 2 and len({tuple(s) for s in sizes}) == 2, sizes
+    assert all(0.0 <= row["max_abs_diff"] < TOLERANCE for row in result["parity"]), result["parity"]
 
 
 def reference_logits(module, x: torch.Tensor) -> np.ndarray:
@@ -42,7 +49,8 @@ def test_onnx_runtime_matches_pytorch_on_two_sizes(tiny_run, tmp_path: Path, dyn
     from brpg_lightning.export import export
 
     out = tmp_path / "model.onnx"
-    export(export_cfg(tiny_run["last"], "onnx", out, f"dynamo={str(dynamo).lower()}"))
+    result = export(export_cfg(tiny_run["last"], "onnx", out, f"dynamo={str(dynamo).lower()}"))
+    assert_verified(result)
     module = reference_module(tiny_run["last"])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for x in inputs():
@@ -62,7 +70,8 @@ def test_torchscript_matches_pytorch_on_two_sizes(tiny_run, tmp_path: Path) -> N
     from brpg_lightning.export import export
 
     out = tmp_path / "model.pt"
-    export(export_cfg(tiny_run["last"], "torchscript", out))
+    result = export(export_cfg(tiny_run["last"], "torchscript", out))
+    assert_verified(result)
     module = reference_module(tiny_run["last"])
     extra = {"inference.json": ""}
     loaded = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)

@@ -58,7 +58,7 @@ def reference_module(ckpt_path: Path):
 def normalised(arr: np.ndarray) -> torch.Tensor:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (torch.as_tensor(arr).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+    return (torch.as_tensor(np.array(arr)).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
 
 
 @pytest.mark.slow
@@ -141,7 +141,8 @@ def test_existing_outputs_are_kept_unless_overwrite(tiny_run, tmp_path: Path, ca
     assert str(out) in line and "color/x.png" in line and "overwrite=true" in line
     assert (out / "color" / "x.png").read_bytes() == b"old"
     assert run(predict_cfg(tiny_run["last"], inp, out, "overwrite=true")) == 1
-    assert Image.open(out / "color" / "x.png").size == (24, 24)
+    with Image.open(out / "color" / "x.png") as img:
+        assert img.size == (24, 24)
 
 
 @pytest.mark.slow

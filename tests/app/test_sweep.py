@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -85,35 +85,65 @@ def test_every_table7_range_starts_after_the_warm_up(name: str, dataset: str, tm
         assert cfg.brpg.T_S1 >= (1 if cfg.sup_only_epochs is None else cfg.sup_only_epochs)
 
 
+def _fake_job(sweep: Path, n: int, overrides: list[str], miou: float | None, ious: dict[str, float]) -> None:
+    """A job folder as a Hydra multirun leaves it; ``miou=None``: the job never wrote ``metrics.json``."""
+    job = sweep / str(n)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    if miou is not None:
+        metrics = {f"val/IoU/{k}": v for k, v in ious.items()}
+        (job / "metrics.json").write_text(json.dumps({"final_mIoU": miou, "best_mIoU": miou + 0.01,
+                                                      "metrics": metrics}))
+
+
+def test_collect_groups_fabricated_jobs_by_setting_over_seeds(tmp_path: Path) -> None:
+    """Rows keep the sweep order (numeric, 10 after 9), seeds are averaged (sample sd), unfinished jobs
+    show in ``n``, constant overrides do not split rows, per-class columns follow the first job's classes."""
+    sweep = tmp_path / "sweep"
+    table6 = "experiment/ablation/table6@_global_"
+    values = {"V_apo": [0.50, 0.60, 0.70], "I_sup_only": [0.30, 0.40, None]}
+    n = 0
+    for setting in ("V_apo", "I_sup_only"):
+        for seed, miou in enumerate(values[setting]):
+            _fake_job(sweep, n if n < 2 else n + 8, ["trainer.max_epochs=3", f"{table6}={setting}", f"seed={seed}"],
+                      miou, {"background": 0.9, "cat": (miou or 0) / 2})
+            n += 1
+    header, rows = collect(sweep, per_class=True)
+    assert header == ["setting", "n", "final_mIoU (%)", "background", "cat"]
+    assert rows == [
+        ["V_apo", "3", "60.00 ± 10.00", "90.00 ± 0.00", "30.00 ± 5.00"],
+        ["I_sup_only", "2/3", "35.00 ± 7.07", "90.00 ± 0.00", "17.50 ± 3.54"],
+    ]
+    _, best = collect(sweep, metric="best_mIoU")
+    assert [r[2] for r in best] == ["61.00 ± 10.00", "36.00 ± 7.07"]
+    assert main([str(sweep), "--csv", str(tmp_path / "t.csv")]) == 0
+    with (tmp_path / "t.csv").open() as fh:
+        assert list(csv.reader(fh))[1] == ["V_apo", "3", "60.00 ± 10.00"]
+
+
 @pytest.mark.slow
-def test_table6_sweep_runs_and_collects(tmp_path: Path) -> None:
-    """Table 6 as a real multirun (5 rows x 2 seeds, 3 tiny epochs: pretrain, sampling, prototype) and its collected table."""
+def test_two_job_multirun_runs_and_collects(tmp_path: Path) -> None:
+    """A real multirun (2 jobs, one run directory each, 3 tiny epochs: pretrain, sampling, prototype) collects
+    into one row per setting whose value is the job's own ``metrics.json``."""
     sweep = tmp_path / "sweep"
     args = [*TINY, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            f"dataset.root={tmp_path / 'data'}", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+            f"dataset.root={tmp_path / 'data'}", "brpg.apo=false,true", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, "-m", "brpg_lightning", "-m", "experiment=ablation/table6", *args],
+    proc = subprocess.run([sys.executable, "-m", "brpg_lightning", "-m", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(list(sweep.glob("*/metrics.json"))) == 10
-
+    jobs = sorted(sweep.glob("*/metrics.json"))
+    assert [p.parent.name for p in jobs] == ["0", "1"]
     header, rows = collect(sweep, per_class=True)
-    assert [r[0] for r in rows] == ["I_sup_only", "II_unsup", "III_plain", "IV_cpg", "V_apo"]
-    assert all(r[1] == "2" for r in rows) and len(header) == 3 + 7  # 7 synthetic classes
-    # independent recomputation of one cell from the job folders
-    import json
-
-    values = []
-    for job in sweep.iterdir():
-        over = (job / ".hydra" / "overrides.yaml").read_text() if (job / ".hydra").is_dir() else ""
-        if "=IV_cpg" in over:
-            values.append(100 * json.loads((job / "metrics.json").read_text())["final_mIoU"])
-    assert rows[3][2] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
-
+    assert [r[:2] for r in rows] == [["apo=False", "1"], ["apo=True", "1"]] and len(header) == 3 + 7
+    for job, row in zip(jobs, rows, strict=True):
+        summary = json.loads(job.read_text())
+        assert row[2] == f"{100 * summary['final_mIoU']:.2f}"
+        assert row[3] == f"{100 * summary['metrics']['val/IoU/background']:.2f}"
     assert main([str(sweep)]) == 0
     with (sweep / "summary.csv").open() as fh:
         table = list(csv.reader(fh))
-    assert table[0][:3] == ["setting", "n", "final_mIoU (%)"] and len(table) == 6
+    assert table[0][:3] == ["setting", "n", "final_mIoU (%)"] and len(table) == 3
 
 
 def test_collect_rejects_a_folder_without_jobs(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -46,7 +46,8 @@ def test_pascal_classic_palette_and_blended_grey_masks_read_as_class_ids(tmp_pat
     root, masks = pascal_tree(tmp_path / "voc")
     lab, unl, val = pascal_ids()
     for mask_dir in ("SegmentationClass", "SegmentationClassAug"):
-        assert Image.open(root / mask_dir / f"{lab[0]}.png").mode == ("P" if mask_dir == "SegmentationClass" else "L")
+        with Image.open(root / mask_dir / f"{lab[0]}.png") as img:
+            assert img.mode == ("P" if mask_dir == "SegmentationClass" else "L")
         d = dm("pascal", root, "92", mask_dir=mask_dir)
         d.setup("fit")
         assert d.class_names == list(PASCAL_CLASSES) and len(d.class_names) == 21

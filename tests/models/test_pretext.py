@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -40,9 +41,9 @@ def test_pretext_pool_is_seeded() -> None:
 def test_pretext_cache_is_deterministic_and_reused(tmp_path) -> None:
     first = pretext_encoder_weights(str(tmp_path / "a"), **TINY_PRETEXT)
     second = pretext_encoder_weights(str(tmp_path / "b"), **TINY_PRETEXT)
-    assert open(first, "rb").read() == open(second, "rb").read()  # same seed, same bytes
+    assert Path(first).read_bytes() == Path(second).read_bytes()  # same seed, same bytes
     other = pretext_encoder_weights(str(tmp_path / "c"), **TINY_PRETEXT, seed=1)
-    assert open(first, "rb").read() != open(other, "rb").read()
+    assert Path(first).read_bytes() != Path(other).read_bytes()
     stamp = (tmp_path / "a" / first.rsplit("/", 1)[1]).stat().st_mtime_ns
     assert pretext_encoder_weights(str(tmp_path / "a"), **TINY_PRETEXT) == first  # cache hit: not rebuilt
     assert (tmp_path / "a" / first.rsplit("/", 1)[1]).stat().st_mtime_ns == stamp

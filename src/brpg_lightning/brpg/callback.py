@@ -31,6 +31,10 @@ from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.context import TrainStepContext
 
 DEFAULT_NETWORK = "student"
+COUNTS = frozenset({"sampled_high"})
+"""Per-step scalars that are counts: their epoch aggregate is the sum over steps and ranks."""
+PER_STEP_ONLY = frozenset({"eta_t"})
+"""Per-step scalars with no epoch aggregate (the same on every rank; ``eta_t_epoch`` comes from the report)."""
 
 
 class BRPGCallback(pl.Callback):
@@ -92,8 +96,15 @@ class BRPGCallback(pl.Callback):
         return "brpg/" if self.network == DEFAULT_NETWORK else f"brpg/{self.network}/"
 
     def _log(self, pl_module: pl.LightningModule, scalars: Scalars) -> None:
+        """Per-step scalars (rank 0's at each step) and their epoch aggregates over all ranks (``<key>_epoch``,
+        :meth:`SegmentationModule.log_train`): counts are summed, the rest averaged; ``eta_t`` is a schedule,
+        the same on every rank, and has its epoch value in :meth:`epoch_scalars` already."""
+        log_train = getattr(pl_module, "log_train", None)
         for key, (value, batch_size) in scalars.items():
-            pl_module.log(self.log_prefix + key, value, batch_size=batch_size)
+            if log_train is None or key in PER_STEP_ONLY:
+                pl_module.log(self.log_prefix + key, value, batch_size=batch_size)
+            else:
+                log_train(self.log_prefix + key, value, batch_size, reduce="sum" if key in COUNTS else "mean")
 
     # ------------------------------------------------------------------ hooks
     def on_train_step_context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: TrainStepContext) -> None:

@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data._utils.collate import default_collate
 
+from brpg_lightning.brpg import distributed as dist
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.data.datasets.common import PairDataset
 from brpg_lightning.data.datasets.folder import FolderDataset, read_classes_file
@@ -442,6 +444,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
+        if dist.is_distributed():
+            # Lightning's DistributedSampler would pad the last rank with repeated images (so that every rank
+            # runs as many batches) and the synced mIoU would count those twice. Validation runs without
+            # gradients, so DDP synchronises nothing per batch and the ranks may run different batch counts.
+            sampler = UnrepeatedDistributedSampler(self.val_set, shuffle=False)
+            return self._loader(self.val_set, self.batch_size_val, sampler=sampler, collate_fn=collate_val)
         return self._loader(self.val_set, self.batch_size_val, shuffle=False, collate_fn=collate_val)
 
     def test_dataloader(self) -> DataLoader:

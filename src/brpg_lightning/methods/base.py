@@ -163,9 +163,19 @@ class SegmentationModule(pl.LightningModule):
         for ctx in contexts:
             prefix = "" if len(contexts) == 1 else f"{ctx.network}/"
             for name, value in ctx.losses.items():
-                self.log(f"train/{prefix}{name}", value.detach(), batch_size=bsz)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bsz)
+                self.log_train(f"train/{prefix}{name}", value.detach(), bsz)
+        self.log_train("train/loss", loss.detach(), bsz, prog_bar=True)
         return loss
+
+    def log_train(self, key: str, value: Tensor | float, batch_size: int, reduce: str = "mean",
+                  prog_bar: bool = False) -> None:
+        """Log a training scalar twice: ``key`` at every step (this rank's value: what the loggers get is rank
+        0's, synchronising every step would cost a collective per key per step) and ``key + "_epoch"``, the
+        epoch's aggregate over every step of every rank (``sync_dist``, one collective per key at the epoch
+        end): the ``batch_size``-weighted mean for ``reduce="mean"``, the total for ``"sum"`` (counts)."""
+        self.log(key, value, batch_size=batch_size, prog_bar=prog_bar)
+        self.log(f"{key}_epoch", value, batch_size=batch_size, on_step=False, on_epoch=True, sync_dist=True,
+                 reduce_fx=reduce)
 
     def check_finite(self, loss: Tensor, contexts: list[TrainStepContext]) -> bool:
         """Whether the step's summed ``loss`` is finite; one host sync per step (under DDP the flag is summed

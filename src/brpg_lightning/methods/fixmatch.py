@@ -66,5 +66,5 @@ class FixMatch(SegmentationModule):
         logits_s = out_s.logits_at(tuple(y_l.shape[-2:]))
         ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
         ctx.add_loss("L_u", self.lambda_u * fixmatch_loss(logits_s, pseudo, conf, self.eta))
-        self.log("train/unsup_kept", (conf >= self.eta).float().mean(), batch_size=x_l.shape[0])
+        self.log_train("train/unsup_kept", (conf >= self.eta).float().mean(), x_l.shape[0])
         return ctx

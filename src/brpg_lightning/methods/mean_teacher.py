@@ -165,7 +165,7 @@ class MeanTeacher(SegmentationModule):
             loss_u = loss_u * (keep.numel() / keep.sum().clamp_min(1))
         ctx.add_loss("L_s", self.supervised_loss(out_l, y_l))
         ctx.add_loss("L_u", self.lambda_u * loss_u)
-        self.log("train/unsup_kept", keep.float().mean(), batch_size=b_l)
+        self.log_train("train/unsup_kept", keep.float().mean(), b_l)
         return ctx
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
