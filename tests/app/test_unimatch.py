@@ -14,6 +14,7 @@ from torch import nn
 from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.unimatch import UniMatch, feature_dropout
+from brpg_lightning.methods.unimatch_v2 import UniMatchV2, complementary_dropout, complementary_masks
 from tests.app.test_fixmatch_cps import OPTIM, Epoch, _reference_ce, segmentor
 from tests.conftest import random_semi_batch
 
@@ -148,8 +149,96 @@ def test_unimatch_step_losses_by_hand() -> None:
     assert torch.equal(ctx.unsup_keep, (mixed(conf_u_w, box1) >= thresh) & (mixed(ignore_mask, box1) != 255))
 
 
+def test_v2_masks_are_complementary() -> None:
+    torch.manual_seed(0)
+    kept = torch.tensor([False, True, False, False])
+    m1, m2 = complementary_masks(4, 64, kept)
+    assert torch.equal(m1[1], torch.ones(64)) and torch.equal(m2[1], torch.ones(64))  # an unperturbed pair
+    dropped = ~kept
+    assert torch.equal(m1[dropped] + m2[dropped], torch.full((3, 64), 2.0))  # each channel in exactly one view
+    assert set(m1[dropped].unique().tolist()) == {0.0, 2.0}
+    assert 0.3 < float((m1[dropped] == 0).float().mean()) < 0.7  # rate 0.5
+
+    # through the perturbation: 2 n images of ones -> the masks themselves, per encoder map (widths differ)
+    n, widths = 6, (3, 8, 16)
+    feats = [torch.ones(2 * n, c, 2, 2) for c in widths]
+    out = complementary_dropout(0.5)(feats)
+    first = out[0][:, :, 0, 0]
+    unperturbed = (first == 1).all(1)
+    assert int(unperturbed[:n].sum()) == int(n * 0.5) and torch.equal(unperturbed[:n], unperturbed[n:])
+    for o, c in zip(out, widths, strict=True):
+        a, b = o[:n, :, 0, 0], o[n:, :, 0, 0]
+        assert a.shape == (n, c) and torch.equal(a + b, torch.full((n, c), 2.0))
+        assert bool((o == o[:, :, :1, :1]).all())  # one value per channel: channel dropout
+        assert bool(((a == 1).all(1) == unperturbed[:n]).all())  # the same pairs unperturbed on every map
+    assert torch.equal(complementary_dropout(0.0)(feats)[1], feats[1])  # no pair perturbed
+
+
+def test_unimatch_v2_step_losses_by_hand() -> None:
+    """One UniMatch V2 step, CutMix on both views, padded pixels, the loss worked from ``unimatch_v2.py``:
+
+    ``pred_u_w = model_ema(img_u_w)`` (eval), ``pred_x = model(img_x)``, ``pred_u_s1, pred_u_s2 =
+    model(cat(img_u_s1, img_u_s2), comp_drop=True)``, ``loss = (loss_x + (loss_u_s1 + loss_u_s2) / 2) / 2``;
+    then the teacher's parameters and buffers move to ``d t + (1 - d) s`` with ``d = min(1 - 1 / (iters + 1),
+    0.996)``.
+    """
+    torch.manual_seed(0)
+    module = UniMatchV2(segmentor(0), C, optim=OPTIM, sup_loss={"kind": "ce"}, cutmix_p=1.0)
+    Epoch(module, epoch=1)
+    module.log = lambda *a, **k: None
+    with torch.no_grad():  # a teacher that differs from the student (as after some EMA steps)
+        for p in module.teacher.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = unimatch_batch()
+    teacher, net = copy.deepcopy(module.teacher.module).eval(), copy.deepcopy(module.student).train()
+    x_l, y_l, u = b["labeled"]["image"], b["labeled"]["mask"], b["unlabeled"]
+    with torch.no_grad():
+        pred_u_w = official(teacher(u["image"]).logits)
+    conf_u_w, mask_u_w = pred_u_w.softmax(dim=1).max(dim=1)
+    module.eta = float(conf_u_w.median())
+    torch.manual_seed(7)
+    ctx = module.method_step(b)
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        box1 = (torch.rand(()), [cutmix_box(H, W) for _ in range(3)])[1]
+        box2 = (torch.rand(()), [cutmix_box(H, W) for _ in range(3)])[1]
+        img_u_s1, img_u_s2 = mixed(u["image_strong"], box1), mixed(u["image_strong2"], box2)
+        pred_x = official(net(x_l).logits)
+        feats = complementary_dropout(0.5)(net.encoder(torch.cat((img_u_s1, img_u_s2))))
+        pred_u_s1, pred_u_s2 = official(net.classifier(net.decoder(feats))).chunk(2)
+    ignore_mask = torch.where(u["valid"], 0, 255)
+    thresh = module.eta
+    loss_x = F.cross_entropy(pred_x, y_l, ignore_index=255)
+    loss_u_s1 = official_u_loss(pred_u_s1, mixed(mask_u_w, box1), mixed(conf_u_w, box1), mixed(ignore_mask, box1), thresh)
+    loss_u_s2 = official_u_loss(pred_u_s2, mixed(mask_u_w, box2), mixed(conf_u_w, box2), mixed(ignore_mask, box2), thresh)
+    loss = (loss_x + (loss_u_s1 + loss_u_s2) / 2.0) / 2.0
+    assert 0 < float(loss_u_s1) and 0 < float(loss_u_s2)
+    assert torch.allclose(ctx.losses["L_s"].double(), loss_x.double() / 2, rtol=1e-5)
+    assert torch.allclose(ctx.losses["L_u"].double(), (loss_u_s1 + loss_u_s2) / 4, rtol=1e-5)
+    assert torch.allclose(ctx.total_loss().double(), loss.double(), rtol=1e-5)
+    assert torch.allclose(official(ctx.unlabeled_teacher.logits), pred_u_w, atol=1e-5)  # the teacher's weak view
+    assert torch.allclose(official(ctx.unlabeled_student.logits.detach()), pred_u_s1, atol=1e-5)
+    assert torch.equal(ctx.cutmix_boxes, torch.stack(box1))
+
+    # the EMA after the step: iteration 0 copies the student (parameters and buffers), iteration 1 is d = 0.5
+    module.on_train_batch_end(None, b, 0)
+    for t, s in zip(module.teacher.module.state_dict().values(), module.student.state_dict().values(), strict=True):
+        assert torch.equal(t, s)
+    old = copy.deepcopy(module.teacher.module.state_dict())
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(1.0)
+    module.on_train_batch_end(None, b, 1)
+    for name, t in module.teacher.module.state_dict().items():
+        s = module.student.state_dict()[name]
+        want = 0.5 * old[name] + 0.5 * s if t.is_floating_point() else s
+        assert torch.allclose(t, want.to(t.dtype))
+    assert module.eval_model is module.teacher.module
+
+
 # ---------------------------------------------------------------- the real entry point
-@pytest.mark.parametrize("method", ["unimatch"])
+@pytest.mark.parametrize("method", ["unimatch", "unimatch_v2"])
 @pytest.mark.parametrize("brpg", ["none", "cpg_apo"])
 def test_unimatch_trains_with_and_without_brpg(method: str, brpg: str, tiny_cfg) -> None:
     from brpg_lightning.brpg.callback import brpg_callbacks
