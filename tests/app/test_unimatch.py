@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.cutmix import cutmix_box
 from brpg_lightning.methods.unimatch import UniMatch, feature_dropout
 from brpg_lightning.methods.unimatch_v2 import UniMatchV2, complementary_dropout, complementary_masks
@@ -71,7 +72,12 @@ def test_two_strong_views_are_independent_draws_of_the_same_crop() -> None:
     assert item["image_strong2"].shape == item["image_strong"].shape == item["image"].shape
     assert not torch.equal(item["image_strong"], item["image_strong2"])
     assert "image_strong2" not in UnlabeledTransform(32)(image)
-    assert UniMatch.strong_views == 2  # train.build_datamodule reads it
+    assert UniMatch.strong_views == UniMatchV2.strong_views == 2  # train.build_datamodule reads it
+    module = UniMatch(segmentor(0), C, optim=OPTIM)
+    Epoch(module, epoch=0)
+    module.log = lambda *a, **k: None
+    with pytest.raises(BRPGInputError, match="two strong views"):
+        module.method_step(random_semi_batch(2, C, H, W))  # a datamodule built with one strong view
 
 
 def test_unimatch_fp_stream_without_dropout_is_the_weak_view() -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from brpg_lightning.constants import IGNORE_INDEX
+from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
@@ -31,6 +32,17 @@ def feature_dropout(p: float) -> Callable[[list[Tensor]], list[Tensor]]:
         return [torch.cat([f, F.dropout2d(f, p, training=True)]) for f in feats]
 
     return perturb
+
+
+def second_strong_view(unlabeled: dict[str, Any]) -> Tensor:
+    """``unlabeled["image_strong2"]``, which the datamodule draws for a method with ``strong_views = 2``; a
+    batch without it (a datamodule built by hand) stops with one line instead of a ``KeyError``."""
+    if "image_strong2" not in unlabeled:
+        raise BRPGInputError(
+            "UniMatch needs two strong views per unlabeled image: build the datamodule with strong_views=2 "
+            "(train.build_datamodule does so from the method's strong_views)"
+        )
+    return unlabeled["image_strong2"]
 
 
 class UniMatch(SegmentationModule):
@@ -98,7 +110,7 @@ class UniMatch(SegmentationModule):
         with torch.no_grad():
             _, conf, pseudo = self.hard_pseudo_labels(out_w, u["valid"])
             x_s1, pseudo1, conf1, boxes1 = apply_cutmix(u["image_strong"], pseudo, conf, p=self.cutmix_p)
-            x_s2, pseudo2, conf2, _ = apply_cutmix(u["image_strong2"], pseudo, conf, p=self.cutmix_p)
+            x_s2, pseudo2, conf2, _ = apply_cutmix(second_strong_view(u), pseudo, conf, p=self.cutmix_p)
         out_s1, out_s2 = self.student(torch.cat([x_s1, x_s2])).split([b_u, b_u])
 
         size = tuple(y_l.shape[-2:])

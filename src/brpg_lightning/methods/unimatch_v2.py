@@ -17,6 +17,7 @@ from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.ema import EMATeacher
 from brpg_lightning.methods.fixmatch import fixmatch_loss
+from brpg_lightning.methods.unimatch import second_strong_view
 
 EVAL_ON = ("ema", "student")
 
@@ -134,7 +135,7 @@ class UniMatchV2(SegmentationModule):
             out_t = self.teacher(u["image"])
             _, conf, pseudo = self.hard_pseudo_labels(out_t, u["valid"])
             x_s1, pseudo1, conf1, boxes1 = apply_cutmix(u["image_strong"], pseudo, conf, p=self.cutmix_p)
-            x_s2, pseudo2, conf2, _ = apply_cutmix(u["image_strong2"], pseudo, conf, p=self.cutmix_p)
+            x_s2, pseudo2, conf2, _ = apply_cutmix(second_strong_view(u), pseudo, conf, p=self.cutmix_p)
         out_l = self.student(x_l)
         perturb = complementary_dropout(self.comp_drop_pair_p)
         out_s1, out_s2 = self.student(torch.cat([x_s1, x_s2]), perturb=perturb).split([b_u, b_u])
