@@ -92,7 +92,8 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     method_cls = get_class(cfg.method._target_)
     return build(
         cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True),
-        method=method_option(cfg.method._target_), _convert_="all",
+        method=method_option(cfg.method._target_), strong_views=getattr(method_cls, "strong_views", 1),
+        _convert_="all",
     )
 
 

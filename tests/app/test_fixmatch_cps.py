@@ -193,7 +193,7 @@ def test_fixmatch_and_cps_train_with_brpg_through_clustering(tiny_cfg, tmp_path)
         assert cfg.trainer.get("sync_batchnorm") in (None, False)
 
 
-@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "fixmatch", "cps"])
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "fixmatch", "cps", "unimatch", "unimatch_v2"])
 def test_every_method_composes_with_every_brpg_option_and_paper_model(method: str, tmp_path) -> None:
     from hydra.utils import get_class
 

@@ -210,6 +210,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         oracle_mask_dir: diagnostics only (``conf/experiment/diagnose``): folder of the unlabeled images'
             true masks; unlabeled batches then carry them as ``"mask"`` (same geometry as the weak view).
             None (default, every normal run): unlabeled batches carry no masks.
+        strong_views: strong views per unlabeled item, the method's ``strong_views`` (set by
+            ``train.build_datamodule``): 2 adds ``"image_strong2"`` (UniMatch).
     """
 
     def __init__(
@@ -245,6 +247,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         missing_classes: str = "error",
         class_census_items: int = 2000,
         method: str | None = None,
+        strong_views: int = 1,
     ) -> None:
         super().__init__()
         if missing_classes not in MISSING_CLASSES:
@@ -306,7 +309,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
         self.labeled_transform = LabeledTransform(int(crop_size), tuple(scale_range), float(flip_p))
         self.unlabeled_transform = UnlabeledTransform(
-            int(crop_size), tuple(scale_range), float(flip_p), dict(strong) if strong else None
+            int(crop_size), tuple(scale_range), float(flip_p), dict(strong) if strong else None, int(strong_views)
         )
         self.eval_protocol = EvalProtocol.from_dataset(
             {"val_mode": val_mode, "val_crop_size": val_crop_size, "val_stride": val_stride}

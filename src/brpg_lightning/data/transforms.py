@@ -187,11 +187,13 @@ class UnlabeledTransform:
     """Weak and strong views of an unlabeled item (same crop).
 
     Returns ``{"image": float32 (3, S, S) weak, "image_strong": float32 (3, S, S), "valid": bool (S, S)}``
-    where ``valid`` is False on padded pixels.
+    where ``valid`` is False on padded pixels; with ``strong_views=2`` also ``"image_strong2"``, a second
+    independent strong draw of the same crop (UniMatch's two strong views).
 
     Args:
         crop_size, scale_range, flip_p: see :class:`WeakGeometry`.
         strong: keyword arguments of :class:`StrongColor`.
+        strong_views: 1 or 2 strong views per item (the method's ``strong_views``).
     """
 
     def __init__(
@@ -200,9 +202,13 @@ class UnlabeledTransform:
         scale_range: tuple[float, float] = (0.5, 2.0),
         flip_p: float = 0.5,
         strong: dict[str, Any] | None = None,
+        strong_views: int = 1,
     ) -> None:
+        if int(strong_views) not in (1, 2):
+            raise ValueError(f"strong_views={strong_views}; expected 1 or 2")
         self.weak = WeakGeometry(crop_size, scale_range, flip_p)
         self.strong = StrongColor(**dict(strong or {}))
+        self.strong_views = int(strong_views)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
         image, mask, valid = self.weak(image, mask)
@@ -211,6 +217,8 @@ class UnlabeledTransform:
             "image_strong": to_normalized_tensor(self.strong(image)),
             "valid": torch.tensor(np.ascontiguousarray(valid), dtype=torch.bool),
         }
+        if self.strong_views == 2:
+            item["image_strong2"] = to_normalized_tensor(self.strong(image))
         if mask is not None:  # the oracle diagnostic's hidden true mask, same geometry as the weak view
             item["mask"] = mask_to_tensor(mask)
         return item

@@ -71,6 +71,8 @@ class SegmentationModule(pl.LightningModule):
     """Whether the datamodule must load unlabeled images for this method."""
     default_sup_only_epochs: int = 0
     """Labeled-only warm-up epochs when the config leaves ``sup_only_epochs`` null (mean teacher: U2PL's 1)."""
+    strong_views: int = 1
+    """Strong colour views per unlabeled item the datamodule draws (UniMatch: 2, ``image_strong2``)."""
     networks: tuple[str, ...] = ("student",)
     """Names of the trained networks; ``train.build_module`` builds one segmentor per name (the first is
     ``segmentor``, the others ``segmentor2``, ...) and ``train.build_callbacks`` one BRPG callback per name."""

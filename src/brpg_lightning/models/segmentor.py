@@ -224,13 +224,20 @@ class Segmentor(nn.Module):
         self.classifier = build_head(head, self.decoder_channels, hidden, num_classes, head_dropout)
         self.feature_head = build_head(head, self.decoder_channels, hidden, feature_dim, head_dropout)
 
-    def forward(self, x: Tensor) -> SegmentorOutput:
+    def forward(
+        self, x: Tensor, perturb: Callable[[list[Tensor]], list[Tensor]] | None = None
+    ) -> SegmentorOutput:
         """Run ``E``, the decoder and both heads on ``x`` ``(B, 3, H, W)``, any ``H, W``.
 
         ``x`` is zero-padded bottom/right to a multiple of :attr:`pad_multiple`, and every map is
         cropped back to ``(ceil(H / stride), ceil(W / stride))``, so that
         upsampling (:meth:`SegmentorOutput.logits_at`) reads the un-padded maps only.
         In eval mode the feature head runs only when ``features`` is first read (:meth:`_lazy_features`).
+
+        ``perturb`` (optional) maps the encoder's list of feature maps to the list the decoder reads: the
+        feature perturbations of UniMatch (dropout on the encoder features, ``methods/unimatch.py``) act
+        between encoder and decoder, which no module boundary exposes otherwise. It may change the batch
+        size (UniMatch V1 decodes the clean and the dropped copies in one pass); every output has its batch.
         """
         if x.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
@@ -238,7 +245,10 @@ class Segmentor(nn.Module):
         pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        decoded = self.decoder(self.encoder(x))
+        encoded = self.encoder(x)
+        if perturb is not None:
+            encoded = perturb(list(encoded))
+        decoded = self.decoder(encoded)
         logits = self.classifier(decoded)
         h, w = math.ceil(height / self.stride), math.ceil(width / self.stride)
         if self.training:
