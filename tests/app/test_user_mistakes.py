@@ -32,7 +32,7 @@ FOLDER_RUN = (
     "dataset.batch_size_val=2",
     "dataset.num_workers=0",
     "dataset.persistent_workers=false",
-    "trainer.max_epochs=1",
+    "trainer.max_epochs=2",  # BRPG's sampling (T_S1=1) must start before the last epoch
     "trainer.accelerator=cpu",
     "+trainer.limit_train_batches=1",
     "+trainer.limit_val_batches=1",
@@ -181,6 +181,48 @@ def _make_split(*args: str, existing_val: bool = False):
     return call
 
 
+def _without_gpu(fn: Callable) -> Callable:
+    """``fn`` run where torch sees no CUDA GPU (also on a machine that has one)."""
+    from unittest import mock
+
+    def call(*args, **kwargs):
+        with mock.patch("torch.cuda.is_available", return_value=False):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _value(config_name: str, *overrides: str, gpu: bool = True):
+    """A composition that is fine but for ``overrides``; ``gpu=False``: as on a machine without a GPU."""
+
+    def call(tmp: Path):
+        fn, cfg, keep = _unset(config_name, *overrides)(tmp)
+        return (fn if gpu else _without_gpu(fn)), cfg, keep
+
+    return call
+
+
+VALUE_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "brpg.eta_s=1.5": (("brpg.eta_s=1.5",), ("brpg.eta_s=1.5", "a number in (0, 1)")),
+    "brpg.eta_s=0": (("brpg.eta_s=0",), ("brpg.eta_s=0", "a number in (0, 1)")),
+    "brpg.lambda_pro=-1": (("brpg.lambda_pro=-1",), ("brpg.lambda_pro=-1", "a number >= 0")),
+    "brpg.tau=0": (("brpg.tau=0",), ("brpg.tau=0", "a number > 0")),
+    "brpg.V=0": (("brpg.V=0",), ("brpg.V=0", "an integer >= 1")),
+    "brpg.n0_h=0": (("brpg.n0_h=0",), ("brpg.n0_h=0", "an integer >= 1")),
+    "T_S1 at max_epochs": (("T_S1=3", "T_S2=4", "sup_only_epochs=0", "trainer.max_epochs=3"),
+                           ("brpg.T_S1=3", "trainer.max_epochs=3", "BRPG would never run", "T_S1 < max_epochs")),
+    "T_S1 beyond max_epochs": (("T_S1=5", "T_S2=6", "sup_only_epochs=0", "trainer.max_epochs=3"),
+                               ("brpg.T_S1=5", "trainer.max_epochs=3")),
+    "optim.optimizer.lr=0": (("optim.optimizer.lr=0",), ("optim.optimizer.lr=0", "a number > 0")),
+    "optim.optimizer.lr<0": (("optim.optimizer.lr=-0.01",), ("optim.optimizer.lr=-0.01", "a number > 0")),
+    "method.ema_decay=1.5": (("method.ema_decay=1.5",), ("method.ema_decay=1.5", "a number in [0, 1]")),
+    "seed=abc": (("seed=abc",), ("seed='abc'", "an integer >= 0")),
+    "dataset.num_classes=abc": (("dataset.num_classes=abc",), ("dataset.num_classes='abc'", "an integer >= 2")),
+    "trainer.precision=fp8": (("trainer.precision=fp8",), ("trainer.precision='fp8'", "16-mixed", "bf16-mixed")),
+}
+"""Values out of range, each refused at start-up by ``brpg_lightning.validate``: overrides -> names."""
+
+
 CASES: dict[str, Case] = {
     "train into a finished run": Case(_train_into_finished_run, ("runs/89", "overwrite=true", "ckpt_path=")),
     "train into a finished run, resuming another": Case(_train_from_another_runs_checkpoint, ("runs/89",)),
@@ -205,6 +247,12 @@ CASES: dict[str, Case] = {
     "make_split: seed=-1": Case(_make_split("seed=-1"), ("seed=-1", "integer >= 0")),
     "make_split: seed=abc": Case(_make_split("seed=abc"), ("seed='abc'", "integer >= 0")),
     "make_split: another val.txt": Case(_make_split("seed=0", existing_val=True), ("val.txt", "never overwritten")),
+    **{f"train: {name}": Case(_value("train", *overrides), names) for name, (overrides, names) in VALUE_CASES.items()},
+    "train: trainer=gpu without a GPU": Case(_value("train", "trainer=gpu", gpu=False),
+                                             ("trainer.accelerator='gpu'", "no CUDA GPU", "expected cpu or auto")),
+    "predict: device=cuda without a GPU": Case(_value("predict", "ckpt_path=m.ckpt", "input=x", "output=y",
+                                                      "device=cuda", gpu=False),
+                                               ("device='cuda'", "no CUDA GPU", "expected cpu or auto")),
 }
 
 
