@@ -156,6 +156,43 @@ def _evaluate_into_unwritable_folder(tmp: Path):
     return run, cfg, [ckpt.parent]
 
 
+def _evaluate_over_a_report(tmp: Path):
+    from brpg_lightning.evaluate import run
+
+    ckpt = tmp / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"never read: the earlier report is checked first")
+    (ckpt.parent / "last.eval.json").write_text('{"mIoU": 0.61}')
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "trainer.accelerator=cpu", config_name="evaluate")
+    return run, cfg, [ckpt.parent]
+
+
+def _evaluate_on_fewer_classes(tmp: Path):
+    """A 7-class checkpoint (its run config only: the count is refused before any weight is read) evaluated on a
+    folder dataset of 4 classes."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from brpg_lightning.evaluate import run
+
+    stored = compose_cfg(*FOLDER_RUN, "dataset.num_classes=7", f"dataset.root={tmp / 'old'}", output_dir=tmp / "r")
+    ckpt = tmp / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"hyper_parameters": {"run_config": OmegaConf.to_container(stored, resolve=True)}, "state_dict": {}},
+               ckpt)
+    data = folder_data(tmp / "data", [np.minimum(m, 3) for m in binary(3)])
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "dataset=folder", f"dataset.root={data}", "trainer.accelerator=cpu",
+                      f"output={tmp / 'reports'}", config_name="evaluate")
+    return run, cfg, [ckpt.parent, data]
+
+
+def _set(cfg, key: str, value):
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(cfg, key, value)
+    return cfg
+
+
 def _unset(config_name: str, *overrides: str):
     def call(tmp: Path):
         import importlib
@@ -239,6 +276,13 @@ CASES: dict[str, Case] = {
     "predict: stems collide": Case(_predict_colliding_stems, ("'a.jpg', 'a.png' -> 'a.png'", "photos")),
     "evaluate: report folder not writable": Case(_evaluate_into_unwritable_folder,
                                                  ("/proc/self/brpg-reports", "output=<folder>")),
+    "evaluate: an earlier report": Case(_evaluate_over_a_report, ("last.eval.json", "already exists",
+                                                                  "overwrite=true")),
+    "evaluate: 7-class checkpoint, dataset of unstated classes": Case(
+        _evaluate_on_fewer_classes, ("dataset.num_classes is not set", "7 classes", "dataset.num_classes=7")),
+    "evaluate: 7-class checkpoint, 4-class dataset": Case(
+        lambda tmp: (lambda fn, cfg, keep: (fn, _set(cfg, "dataset.num_classes", 4), keep))(
+            *_evaluate_on_fewer_classes(tmp)), ("dataset.num_classes=4", "7 classes")),
     "train: dataset.num_classes unset": Case(_unset("train", "dataset=folder"),
                                              ("dataset.num_classes is not set", "dataset.num_classes=5")),
     "evaluate: ckpt_path unset": Case(_unset("evaluate"), ("ckpt_path is not set", "ckpt_path=outputs/")),
