@@ -186,6 +186,23 @@ def _evaluate_on_fewer_classes(tmp: Path):
     return run, cfg, [ckpt.parent, data]
 
 
+def _split_lists(labeled: list[str], val: list[str]):
+    """Split lists over a folder dataset (``<data>/splits/1/{labeled,unlabeled}.txt``, ``<data>/splits/val.txt``)."""
+
+    def call(tmp: Path):
+        from brpg_lightning.data.datasets.layout import FolderSplitLayout
+        from brpg_lightning.data.splits import load_split
+
+        data = folder_data(tmp / "data", binary(1))
+        (data / "splits" / "1").mkdir(parents=True)
+        (data / "splits" / "1" / "labeled.txt").write_text("".join(f"labeled/images/{n}.png\n" for n in labeled))
+        (data / "splits" / "1" / "unlabeled.txt").write_text("unlabeled/images/u0.png\nunlabeled/images/u1.png\n")
+        (data / "splits" / "val.txt").write_text("".join(f"{n}\n" for n in val))
+        return (lambda split_dir: load_split(FolderSplitLayout(data), split_dir, "1")), data / "splits", [data]
+
+    return call
+
+
 def _set(cfg, key: str, value):
     from omegaconf import OmegaConf
 
@@ -283,6 +300,11 @@ CASES: dict[str, Case] = {
     "evaluate: 7-class checkpoint, 4-class dataset": Case(
         lambda tmp: (lambda fn, cfg, keep: (fn, _set(cfg, "dataset.num_classes", 4), keep))(
             *_evaluate_on_fewer_classes(tmp)), ("dataset.num_classes=4", "7 classes")),
+    "split: val shares images with labeled": Case(
+        _split_lists(["l0", "l1"], ["val/images/v0.png", "labeled/images/l1.png"]),
+        ("splits/val.txt", "labeled", "labeled/images/l1.png", "not trained on")),
+    "split: a line twice": Case(_split_lists(["l0", "l1", "l0"], ["val/images/v0.png"]),
+                                ("labeled.txt", "'labeled/images/l0.png' twice", "lines 1 and 3")),
     "train: dataset.num_classes unset": Case(_unset("train", "dataset=folder"),
                                              ("dataset.num_classes is not set", "dataset.num_classes=5")),
     "evaluate: ckpt_path unset": Case(_unset("evaluate"), ("ckpt_path is not set", "ckpt_path=outputs/")),
