@@ -67,6 +67,15 @@ def folder_data(root: Path, masks: list[np.ndarray], n_unlabeled: int = 4) -> Pa
     return root
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` encoded as a PNG file's bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def binary(foreground: int, background: int | None = 0) -> list[np.ndarray]:
     """Four masks: a square of ``foreground`` on ``background`` (None: all ``foreground``)."""
     masks = []
@@ -123,6 +132,21 @@ def _train_data(masks: list[np.ndarray], num_classes: int, n_unlabeled: int = 4,
 
         data = folder_data(tmp / "data", masks, n_unlabeled)
         cfg = compose_cfg(*FOLDER_RUN, f"dataset.num_classes={num_classes}", f"dataset.root={data}", *extra,
+                          output_dir=tmp / "run")
+        return run, cfg, [data]
+
+    return call
+
+
+def _train_bad_file(relative: str, content: bytes):
+    """A folder run whose ``relative`` file holds ``content``, outside the one item decoded up front."""
+
+    def call(tmp: Path):
+        from brpg_lightning.train import run
+
+        data = folder_data(tmp / "data", binary(1))
+        (data / relative).write_bytes(content)
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={data}", "dataset.check_items=1",
                           output_dir=tmp / "run")
         return run, cfg, [data]
 
@@ -286,6 +310,14 @@ CASES: dict[str, Case] = {
                                                               "0/255 masks: save foreground as 1")),
     "a class never occurs": Case(_train_data(binary(1), 3), ("class 2 ('class_2') never occurs", "labeled/masks",
                                                             "dataset.num_classes=3")),
+    "a zero-byte labeled image outside the sample": Case(
+        _train_bad_file("labeled/images/l3.png", b""), ("labeled/images/l3.png", "empty file (0 bytes)")),
+    "a text file named .png among the unlabeled images": Case(
+        _train_bad_file("unlabeled/images/u3.png", b"not an image\n"),
+        ("unlabeled/images/u3.png", "not an image file", "expected an image file")),
+    "a val mask of another size": Case(
+        _train_bad_file("val/masks/v1.png", png_bytes(np.zeros((8, 8), np.uint8))),
+        ("val/masks/v1.png", "8x8", "16x16", "expected the same size")),
     "no unlabeled images, mean teacher + BRPG": Case(
         _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
                                        "unlabeled/images")),
