@@ -153,6 +153,31 @@ def _train_bad_file(relative: str, content: bytes):
     return call
 
 
+def _train_with_file(key: str, write: Callable[[Path], None], *extra: str):
+    """A folder run with ``key`` set to a file ``write`` makes."""
+
+    def call(tmp: Path):
+        from brpg_lightning.train import run
+
+        data = folder_data(tmp / "data", binary(1))
+        path = tmp / "given" / "file"
+        path.parent.mkdir()
+        write(path)
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={data}", f"{key}={path}", *extra,
+                          output_dir=tmp / "run")
+        return run, cfg, [data, path.parent]
+
+    return call
+
+
+def _pickled_object(path: Path) -> None:
+    import argparse
+
+    import torch
+
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)
+
+
 def _predict_colliding_stems(tmp: Path):
     from brpg_lightning.predict import run
 
@@ -318,6 +343,15 @@ CASES: dict[str, Case] = {
     "a val mask of another size": Case(
         _train_bad_file("val/masks/v1.png", png_bytes(np.zeros((8, 8), np.uint8))),
         ("val/masks/v1.png", "8x8", "16x16", "expected the same size")),
+    "classes file with a line too many": Case(
+        _train_with_file("dataset.classes_file", lambda p: p.write_text("background\ncat\ndog\n")),
+        ("dataset.classes_file", "given/file", "3 class lines", "num_classes=2")),
+    "a text file as model.weights_path": Case(
+        _train_with_file("model.weights_path", lambda p: p.write_text("these are not weights\n")),
+        ("model.weights_path=", "given/file", "not a safetensors file or a torch.save'd state dict")),
+    "pickled objects as model.weights_path": Case(
+        _train_with_file("model.weights_path", _pickled_object),
+        ("model.weights_path=", "Python objects besides tensors", "torch.save(model.state_dict(), path)")),
     "no unlabeled images, mean teacher + BRPG": Case(
         _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
                                        "unlabeled/images")),
@@ -368,6 +402,7 @@ def test_mistake_is_one_line_before_the_work(name: str, tmp_path: Path, capsys) 
     assert len(lines) == 1, err
     assert all(s in lines[0] for s in case.names), lines[0]
     assert "Traceback" not in err
+    assert "weights_only=False" not in err  # never advise unpickling arbitrary code
     assert tree_hashes(*keep) == before  # nothing the user made was written over, nothing half-written
     if name.startswith("make_split"):
         assert not list((tmp_path / "splits").rglob("labeled.txt"))

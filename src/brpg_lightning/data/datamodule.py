@@ -297,6 +297,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             class_names = synthetic_class_names(self.num_classes) if self.synthetic is not None or \
                 self.name == "synthetic" else [f"class_{i}" for i in range(self.num_classes)]
         self.class_names = [str(c) for c in class_names]
+        if len(self.class_names) != self.num_classes and classes_file is not None and class_names is names:
+            raise BRPGInputError(
+                f"dataset.classes_file '{classes_file}' has {len(self.class_names)} class lines; expected "
+                f"num_classes={self.num_classes} (one line per class id 0..{self.num_classes - 1}, background first)"
+            )
         if len(self.class_names) != self.num_classes:
             raise BRPGInputError(
                 f"dataset.class_names has {len(self.class_names)} names; expected num_classes={self.num_classes}"
