@@ -212,8 +212,10 @@ def header_size(path: str | Path, what: str) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, SyntaxError) as exc:
+        if "truncated" in str(exc).lower():
+            raise DataItemError(f"{what} '{path}' is truncated ({exc}); re-extract or remove it") from None
         reason = "not an image file" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
-        raise DataItemError(f"{what} '{path}' cannot be opened ({reason}); expected an image file "
+        raise DataItemError(f"{what} '{path}' cannot be decoded ({reason}); expected an image file "
                             f"({' '.join(IMAGE_SUFFIXES)})") from None
 
 
