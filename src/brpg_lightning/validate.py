@@ -105,7 +105,7 @@ BRPG_RULES: dict[str, Rule] = {
     "brpg.sample_num": integer(1),
     "brpg.V": integer(1),
     "brpg.n0_h": integer(1),
-    "brpg.n0_lw": integer(1),
+    "brpg.n0_lw": integer(0),  # 0: no low-confidence prototypes (Fig. 7's random rows)
     "brpg.alpha_t": number(0, 1),
     "brpg.n_add": integer(0),
     "brpg.kmeans_iters": integer(1),
