@@ -1,4 +1,5 @@
-"""Turning user-input errors into one line on stderr and a non-zero exit code; SIGTERM into exit 143."""
+"""Turning user-input errors into one line on stderr and a non-zero exit code; SIGTERM into exit 143, Ctrl-C
+(SIGINT) into 130."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ EXIT_RUN_FAILED = 3
 checkpoint it reports does not exist (:class:`~brpg_lightning.errors.BRPGRunError`)."""
 EXIT_PREEMPTED = 143
 """128 + SIGTERM: the run was pre-empted after writing ``checkpoints/preempted.ckpt``."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT: Ctrl-C stopped the run at a batch boundary after writing ``checkpoints/preempted.ckpt``."""
 
 
 def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2.
 
     Lightning's ``SIGTERMException`` (raised after a SIGTERM, once the pre-emption checkpoint is written)
-    prints one line and exits with :data:`EXIT_PREEMPTED`; a :class:`BRPGRunError` prints one line and exits with
+    prints one line naming the checkpoint and exits with :data:`EXIT_PREEMPTED` (:data:`EXIT_INTERRUPTED` after
+    Ctrl-C); a :class:`BRPGRunError` prints one line and exits with
     :data:`EXIT_RUN_FAILED`.
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -30,8 +34,14 @@ def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except SIGTERMException:
-            print("error: pre-empted (SIGTERM); see the log for the checkpoint to resume from", file=sys.stderr)
+        except SIGTERMException as exc:
+            checkpoint = getattr(exc, "checkpoint", None)
+            resume = (f"; resume with ckpt_path={checkpoint}" if checkpoint is not None
+                      else "; see the log for the checkpoint to resume from")
+            if getattr(exc, "signal_name", "SIGTERM") == "SIGINT":
+                print(f"error: interrupted (SIGINT){resume}", file=sys.stderr)
+                sys.exit(EXIT_INTERRUPTED)
+            print(f"error: pre-empted (SIGTERM){resume}", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
         except BRPGRunError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -55,6 +55,16 @@ def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     set to :func:`eval_protocol_for` (so the datamodule and the module read the checkpoint's protocol)."""
     run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
     overrides = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False) if cfg.get("dataset") else {}
+    stored = int(ckpt["hyper_parameters"]["run_config"]["model"]["num_classes"])
+    if "_target_" in overrides and overrides.get("num_classes") == "???":
+        # another dataset with the checkpoint's class count taken on trust would be scored under made-up names
+        # (class_0..) with the classes it lacks counted as misses: the count is the user's to state
+        raise BRPGInputError(
+            f"dataset.num_classes is not set for the dataset evaluated (dataset={overrides.get('name')}, root "
+            f"{overrides.get('root')}); the checkpoint's model has {stored} classes: pass dataset.num_classes={stored} "
+            f"if its masks hold ids 0..{stored - 1} (a dataset with another class count cannot be evaluated with "
+            f"this model)"
+        )
     overrides = {k: v for k, v in overrides.items() if v != "???"}  # a preset's mandatory keys keep stored values
     if "_target_" not in overrides:  # no preset chosen: only the keys given on the command line
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -68,10 +78,10 @@ def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         protocol = eval_protocol_for(ckpt, overrides)
         run_cfg.dataset.val_mode, run_cfg.dataset.val_crop_size = protocol.mode, protocol.crop_size
         run_cfg.dataset.val_stride = protocol.stride
-    stored = int(ckpt["hyper_parameters"]["run_config"]["model"]["num_classes"])
     if int(run_cfg.dataset.num_classes) != stored:
         raise BRPGInputError(
-            f"dataset.num_classes={run_cfg.dataset.num_classes} but the checkpoint's model has {stored} classes"
+            f"dataset.num_classes={run_cfg.dataset.num_classes} but the checkpoint's model has {stored} classes; "
+            f"expected a dataset of {stored} classes (a model scores only the classes it was trained on)"
         )
     return run_cfg
 
@@ -179,11 +189,24 @@ def check_report_folder(folder: Path) -> None:
         ) from None
 
 
+def check_no_report(folder: Path, ckpt_path: str | Path, overwrite: bool) -> None:
+    """An earlier report of this checkpoint is replaced only with ``overwrite=true``: the rule of ``predict``
+    and ``export`` too (an evaluation on another dataset or protocol would otherwise erase the first one's)."""
+    stem = Path(ckpt_path).stem
+    existing = [p for p in (folder / f"{stem}.eval.json", folder / f"{stem}.eval.md") if p.exists()]
+    if existing and not overwrite:
+        raise BRPGInputError(
+            f"{existing[0]}: a report of this checkpoint already exists; pass overwrite=true to replace it, or "
+            f"output=<folder> for another"
+        )
+
+
 def run(cfg: DictConfig) -> float:
     check_mandatory(cfg, ("ckpt_path",))
     folder = report_folder(cfg)
     if folder is not None:
         check_report_folder(folder)
+        check_no_report(folder, cfg.ckpt_path, bool(cfg.get("overwrite")))
     results = evaluate(cfg)
     rep = report(results, cfg.ckpt_path)
     width = max(len(row["class"]) for row in rep["per_class"])

@@ -232,7 +232,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> int:
+    from brpg_lightning.validate import check_device
+
     check_mandatory(cfg, ("ckpt_path", "input", "output"))
+    check_device("device", cfg.get("device"))
     result = predict(cfg)
     print(f"predicted {len(result['written'])} image(s) into {result['output']}", flush=True)
     if result["skipped"]:

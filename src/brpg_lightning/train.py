@@ -246,10 +246,13 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 def check_run(cfg: DictConfig) -> None:
     """Start-up checks of ``train`` (one-line errors before any data or network is built): moved ``optim``
-    keys, the warm-up ending before BRPG's sampling, and a run directory that holds no other run."""
+    keys, every value in its range (:mod:`brpg_lightning.validate`), the warm-up ending before BRPG's sampling, and a run directory that holds no other run."""
+    from brpg_lightning.validate import check_train_values
+
     optim = cfg.method.get("optim") if cfg.get("method") is not None else None
     if optim is not None:
         check_optim(optim)
+    check_train_values(cfg, brpg_enabled(cfg))
     check_warmup_before_sampling(cfg)
     threads = cfg.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

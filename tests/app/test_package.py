@@ -70,7 +70,7 @@ def test_wheel_ships_configs_and_runs_from_another_directory(tmp_path: Path) -> 
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv))  # the installed copy, not the checkout
 
     run_dir = workdir / "run"
-    args = [*TINY, "trainer.max_epochs=1", f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
+    args = [*TINY, "trainer.max_epochs=1", "brpg=none", f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
             f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "experiment=mine"]
     proc = _run([str(py), "-m", "brpg_lightning", *args], cwd=workdir, env=env, timeout=600)
     assert proc.stdout.strip().splitlines()[-1].startswith("final val/mIoU = ")

@@ -76,8 +76,11 @@ def test_straight_and_resumed_runs_are_identical_and_deterministic(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
-    """SIGTERM to the CLI: it writes checkpoints/preempted.ckpt, exits 143; the checkpoint resumes to the end."""
+@pytest.mark.parametrize(("signum", "status", "what"), [(signal.SIGTERM, 143, "pre-empted (SIGTERM)"),
+                                                       (signal.SIGINT, 130, "interrupted (SIGINT)")])
+def test_sigterm_writes_a_resumable_checkpoint(tmp_path: Path, signum: int, status: int, what: str) -> None:
+    """SIGTERM (or Ctrl-C's SIGINT) to the CLI: it writes checkpoints/preempted.ckpt at a batch boundary, exits 143
+    (130), its last error line names the resume command; the checkpoint resumes to the end."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
     args = [*TINY, f"dataset.root={tmp_path / 'data'}"]
@@ -90,10 +93,12 @@ def test_sigterm_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
     while not first.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, out[-3000:]
+    assert proc.returncode == status, out[-3000:]
     preempted = run_dir / "checkpoints" / "preempted.ckpt"
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert line == f"error: {what}; resume with ckpt_path={preempted}", out[-3000:]
     assert preempted.is_file(), out[-3000:]
     ckpt = torch.load(preempted, map_location="cpu", weights_only=True)
     assert 0 < ckpt["epoch"] < 40 and any("RNGStateCheckpoint" in k for k in ckpt["callbacks"])

@@ -32,7 +32,7 @@ FOLDER_RUN = (
     "dataset.batch_size_val=2",
     "dataset.num_workers=0",
     "dataset.persistent_workers=false",
-    "trainer.max_epochs=1",
+    "trainer.max_epochs=2",  # BRPG's sampling (T_S1=1) must start before the last epoch
     "trainer.accelerator=cpu",
     "+trainer.limit_train_batches=1",
     "+trainer.limit_val_batches=1",
@@ -65,6 +65,15 @@ def folder_data(root: Path, masks: list[np.ndarray], n_unlabeled: int = 4) -> Pa
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "val/images" / f"v{i}.png")
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "val/masks" / f"v{i}.png")
     return root
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` encoded as a PNG file's bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def binary(foreground: int, background: int | None = 0) -> list[np.ndarray]:
@@ -129,6 +138,46 @@ def _train_data(masks: list[np.ndarray], num_classes: int, n_unlabeled: int = 4,
     return call
 
 
+def _train_bad_file(relative: str, content: bytes):
+    """A folder run whose ``relative`` file holds ``content``, outside the one item decoded up front."""
+
+    def call(tmp: Path):
+        from brpg_lightning.train import run
+
+        data = folder_data(tmp / "data", binary(1))
+        (data / relative).write_bytes(content)
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={data}", "dataset.check_items=1",
+                          output_dir=tmp / "run")
+        return run, cfg, [data]
+
+    return call
+
+
+def _train_with_file(key: str, write: Callable[[Path], None], *extra: str):
+    """A folder run with ``key`` set to a file ``write`` makes."""
+
+    def call(tmp: Path):
+        from brpg_lightning.train import run
+
+        data = folder_data(tmp / "data", binary(1))
+        path = tmp / "given" / "file"
+        path.parent.mkdir()
+        write(path)
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={data}", f"{key}={path}", *extra,
+                          output_dir=tmp / "run")
+        return run, cfg, [data, path.parent]
+
+    return call
+
+
+def _pickled_object(path: Path) -> None:
+    import argparse
+
+    import torch
+
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)
+
+
 def _predict_colliding_stems(tmp: Path):
     from brpg_lightning.predict import run
 
@@ -156,6 +205,60 @@ def _evaluate_into_unwritable_folder(tmp: Path):
     return run, cfg, [ckpt.parent]
 
 
+def _evaluate_over_a_report(tmp: Path):
+    from brpg_lightning.evaluate import run
+
+    ckpt = tmp / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"never read: the earlier report is checked first")
+    (ckpt.parent / "last.eval.json").write_text('{"mIoU": 0.61}')
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "trainer.accelerator=cpu", config_name="evaluate")
+    return run, cfg, [ckpt.parent]
+
+
+def _evaluate_on_fewer_classes(tmp: Path):
+    """A 7-class checkpoint (its run config only: the count is refused before any weight is read) evaluated on a
+    folder dataset of 4 classes."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from brpg_lightning.evaluate import run
+
+    stored = compose_cfg(*FOLDER_RUN, "dataset.num_classes=7", f"dataset.root={tmp / 'old'}", output_dir=tmp / "r")
+    ckpt = tmp / "ckpts" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"hyper_parameters": {"run_config": OmegaConf.to_container(stored, resolve=True)}, "state_dict": {}},
+               ckpt)
+    data = folder_data(tmp / "data", [np.minimum(m, 3) for m in binary(3)])
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "dataset=folder", f"dataset.root={data}", "trainer.accelerator=cpu",
+                      f"output={tmp / 'reports'}", config_name="evaluate")
+    return run, cfg, [ckpt.parent, data]
+
+
+def _split_lists(labeled: list[str], val: list[str]):
+    """Split lists over a folder dataset (``<data>/splits/1/{labeled,unlabeled}.txt``, ``<data>/splits/val.txt``)."""
+
+    def call(tmp: Path):
+        from brpg_lightning.data.datasets.layout import FolderSplitLayout
+        from brpg_lightning.data.splits import load_split
+
+        data = folder_data(tmp / "data", binary(1))
+        (data / "splits" / "1").mkdir(parents=True)
+        (data / "splits" / "1" / "labeled.txt").write_text("".join(f"labeled/images/{n}.png\n" for n in labeled))
+        (data / "splits" / "1" / "unlabeled.txt").write_text("unlabeled/images/u0.png\nunlabeled/images/u1.png\n")
+        (data / "splits" / "val.txt").write_text("".join(f"{n}\n" for n in val))
+        return (lambda split_dir: load_split(FolderSplitLayout(data), split_dir, "1")), data / "splits", [data]
+
+    return call
+
+
+def _set(cfg, key: str, value):
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(cfg, key, value)
+    return cfg
+
+
 def _unset(config_name: str, *overrides: str):
     def call(tmp: Path):
         import importlib
@@ -181,6 +284,48 @@ def _make_split(*args: str, existing_val: bool = False):
     return call
 
 
+def _without_gpu(fn: Callable) -> Callable:
+    """``fn`` run where torch sees no CUDA GPU (also on a machine that has one)."""
+    from unittest import mock
+
+    def call(*args, **kwargs):
+        with mock.patch("torch.cuda.is_available", return_value=False):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _value(config_name: str, *overrides: str, gpu: bool = True):
+    """A composition that is fine but for ``overrides``; ``gpu=False``: as on a machine without a GPU."""
+
+    def call(tmp: Path):
+        fn, cfg, keep = _unset(config_name, *overrides)(tmp)
+        return (fn if gpu else _without_gpu(fn)), cfg, keep
+
+    return call
+
+
+VALUE_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "brpg.eta_s=1.5": (("brpg.eta_s=1.5",), ("brpg.eta_s=1.5", "a number in (0, 1)")),
+    "brpg.eta_s=0": (("brpg.eta_s=0",), ("brpg.eta_s=0", "a number in (0, 1)")),
+    "brpg.lambda_pro=-1": (("brpg.lambda_pro=-1",), ("brpg.lambda_pro=-1", "a number >= 0")),
+    "brpg.tau=0": (("brpg.tau=0",), ("brpg.tau=0", "a number > 0")),
+    "brpg.V=0": (("brpg.V=0",), ("brpg.V=0", "an integer >= 1")),
+    "brpg.n0_h=0": (("brpg.n0_h=0",), ("brpg.n0_h=0", "an integer >= 1")),
+    "T_S1 at max_epochs": (("T_S1=3", "T_S2=4", "sup_only_epochs=0", "trainer.max_epochs=3"),
+                           ("brpg.T_S1=3", "trainer.max_epochs=3", "BRPG would never run", "T_S1 < max_epochs")),
+    "T_S1 beyond max_epochs": (("T_S1=5", "T_S2=6", "sup_only_epochs=0", "trainer.max_epochs=3"),
+                               ("brpg.T_S1=5", "trainer.max_epochs=3")),
+    "optim.optimizer.lr=0": (("optim.optimizer.lr=0",), ("optim.optimizer.lr=0", "a number > 0")),
+    "optim.optimizer.lr<0": (("optim.optimizer.lr=-0.01",), ("optim.optimizer.lr=-0.01", "a number > 0")),
+    "method.ema_decay=1.5": (("method.ema_decay=1.5",), ("method.ema_decay=1.5", "a number in [0, 1]")),
+    "seed=abc": (("seed=abc",), ("seed='abc'", "an integer >= 0")),
+    "dataset.num_classes=abc": (("dataset.num_classes=abc",), ("dataset.num_classes='abc'", "an integer >= 2")),
+    "trainer.precision=fp8": (("trainer.precision=fp8",), ("trainer.precision='fp8'", "16-mixed", "bf16-mixed")),
+}
+"""Values out of range, each refused at start-up by ``brpg_lightning.validate``: overrides -> names."""
+
+
 CASES: dict[str, Case] = {
     "train into a finished run": Case(_train_into_finished_run, ("runs/89", "overwrite=true", "ckpt_path=")),
     "train into a finished run, resuming another": Case(_train_from_another_runs_checkpoint, ("runs/89",)),
@@ -190,6 +335,23 @@ CASES: dict[str, Case] = {
                                                               "0/255 masks: save foreground as 1")),
     "a class never occurs": Case(_train_data(binary(1), 3), ("class 2 ('class_2') never occurs", "labeled/masks",
                                                             "dataset.num_classes=3")),
+    "a zero-byte labeled image outside the sample": Case(
+        _train_bad_file("labeled/images/l3.png", b""), ("labeled/images/l3.png", "empty file (0 bytes)")),
+    "a text file named .png among the unlabeled images": Case(
+        _train_bad_file("unlabeled/images/u3.png", b"not an image\n"),
+        ("unlabeled/images/u3.png", "not an image file", "expected an image file")),
+    "a val mask of another size": Case(
+        _train_bad_file("val/masks/v1.png", png_bytes(np.zeros((8, 8), np.uint8))),
+        ("val/masks/v1.png", "8x8", "16x16", "expected the same size")),
+    "classes file with a line too many": Case(
+        _train_with_file("dataset.classes_file", lambda p: p.write_text("background\ncat\ndog\n")),
+        ("dataset.classes_file", "given/file", "3 class lines", "num_classes=2")),
+    "a text file as model.weights_path": Case(
+        _train_with_file("model.weights_path", lambda p: p.write_text("these are not weights\n")),
+        ("model.weights_path=", "given/file", "not a safetensors file or a torch.save'd state dict")),
+    "pickled objects as model.weights_path": Case(
+        _train_with_file("model.weights_path", _pickled_object),
+        ("model.weights_path=", "Python objects besides tensors", "torch.save(model.state_dict(), path)")),
     "no unlabeled images, mean teacher + BRPG": Case(
         _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
                                        "unlabeled/images")),
@@ -197,6 +359,18 @@ CASES: dict[str, Case] = {
     "predict: stems collide": Case(_predict_colliding_stems, ("'a.jpg', 'a.png' -> 'a.png'", "photos")),
     "evaluate: report folder not writable": Case(_evaluate_into_unwritable_folder,
                                                  ("/proc/self/brpg-reports", "output=<folder>")),
+    "evaluate: an earlier report": Case(_evaluate_over_a_report, ("last.eval.json", "already exists",
+                                                                  "overwrite=true")),
+    "evaluate: 7-class checkpoint, dataset of unstated classes": Case(
+        _evaluate_on_fewer_classes, ("dataset.num_classes is not set", "7 classes", "dataset.num_classes=7")),
+    "evaluate: 7-class checkpoint, 4-class dataset": Case(
+        lambda tmp: (lambda fn, cfg, keep: (fn, _set(cfg, "dataset.num_classes", 4), keep))(
+            *_evaluate_on_fewer_classes(tmp)), ("dataset.num_classes=4", "7 classes")),
+    "split: val shares images with labeled": Case(
+        _split_lists(["l0", "l1"], ["val/images/v0.png", "labeled/images/l1.png"]),
+        ("splits/val.txt", "labeled", "labeled/images/l1.png", "not trained on")),
+    "split: a line twice": Case(_split_lists(["l0", "l1", "l0"], ["val/images/v0.png"]),
+                                ("labeled.txt", "'labeled/images/l0.png' twice", "lines 1 and 3")),
     "train: dataset.num_classes unset": Case(_unset("train", "dataset=folder"),
                                              ("dataset.num_classes is not set", "dataset.num_classes=5")),
     "evaluate: ckpt_path unset": Case(_unset("evaluate"), ("ckpt_path is not set", "ckpt_path=outputs/")),
@@ -205,6 +379,12 @@ CASES: dict[str, Case] = {
     "make_split: seed=-1": Case(_make_split("seed=-1"), ("seed=-1", "integer >= 0")),
     "make_split: seed=abc": Case(_make_split("seed=abc"), ("seed='abc'", "integer >= 0")),
     "make_split: another val.txt": Case(_make_split("seed=0", existing_val=True), ("val.txt", "never overwritten")),
+    **{f"train: {name}": Case(_value("train", *overrides), names) for name, (overrides, names) in VALUE_CASES.items()},
+    "train: trainer=gpu without a GPU": Case(_value("train", "trainer=gpu", gpu=False),
+                                             ("trainer.accelerator='gpu'", "no CUDA GPU", "expected cpu or auto")),
+    "predict: device=cuda without a GPU": Case(_value("predict", "ckpt_path=m.ckpt", "input=x", "output=y",
+                                                      "device=cuda", gpu=False),
+                                               ("device='cuda'", "no CUDA GPU", "expected cpu or auto")),
 }
 
 
@@ -222,6 +402,7 @@ def test_mistake_is_one_line_before_the_work(name: str, tmp_path: Path, capsys) 
     assert len(lines) == 1, err
     assert all(s in lines[0] for s in case.names), lines[0]
     assert "Traceback" not in err
+    assert "weights_only=False" not in err  # never advise unpickling arbitrary code
     assert tree_hashes(*keep) == before  # nothing the user made was written over, nothing half-written
     if name.startswith("make_split"):
         assert not list((tmp_path / "splits").rglob("labeled.txt"))

@@ -63,7 +63,8 @@ def _literal_state(text: str) -> tuple:
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM (cluster pre-emption, ``scancel``, ``kill``) write ``<dirpath>/<filename>`` and exit.
+    """On SIGTERM (cluster pre-emption, ``scancel``, ``kill``) or Ctrl-C (SIGINT) write ``<dirpath>/<filename>``
+    and exit (143 after SIGTERM, 130 after SIGINT).
 
     Lightning's signal connector turns SIGTERM into a :class:`SIGTERMException` at the next batch boundary
     (broadcast to every DDP rank); this callback then saves a full checkpoint (mid-epoch loop position
@@ -80,13 +81,45 @@ class PreemptionCheckpoint(pl.Callback):
 
     def __init__(self, dirpath: str, filename: str = "preempted.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self.signal_name = "SIGTERM"
+        self._previous_sigint: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Ctrl-C (SIGINT) is taken like SIGTERM: Lightning's own handling stops mid-step and exits 1 without a
+        checkpoint, losing the epoch. A second Ctrl-C stops at once (KeyboardInterrupt), for a step that hangs."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            connector = trainer._signal_connector
+            if connector.received_sigterm:
+                raise KeyboardInterrupt
+            self.signal_name = "SIGINT"
+            rank_zero_info("interrupted (SIGINT): checkpointing at the next batch boundary; Ctrl-C again to stop now")
+            connector.received_sigterm = True  # the flag Lightning's loops check at each batch boundary
+
+        self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         trainer.save_checkpoint(self.path)
+        what = "interrupted (SIGINT)" if self.signal_name == "SIGINT" else "pre-empted (SIGTERM)"
+        # the CLI's last line repeats the resume command and picks the exit status from the signal
+        exception.signal_name = self.signal_name  # type: ignore[attr-defined]
+        exception.checkpoint = self.path  # type: ignore[attr-defined]
         rank_zero_info(
-            f"pre-empted (SIGTERM) at epoch {trainer.current_epoch}, step {trainer.global_step}: checkpoint "
+            f"{what} at epoch {trainer.current_epoch}, step {trainer.global_step}: checkpoint "
             f"{self.path}; resume with ckpt_path={self.path}"
         )
 

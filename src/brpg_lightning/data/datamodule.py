@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ from brpg_lightning.models.inference import EvalProtocol
 
 log = logging.getLogger(__name__)
 
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker ignores Ctrl-C: the terminal sends SIGINT to the whole process group, and a worker that died
+    of it would fail the main process's next fetch before it checkpoints at the batch boundary
+    (``callbacks.resume.PreemptionCheckpoint``). Seeds the worker as Lightning's own ``worker_init_fn`` would
+    (which Lightning adds only where none is set)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 class RepeatDataset(Dataset):
     """``dataset`` repeated ``times`` times: item ``i`` is ``dataset[i % len(dataset)]``.
@@ -302,6 +317,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             class_names = synthetic_class_names(self.num_classes) if self.synthetic is not None or \
                 self.name == "synthetic" else [f"class_{i}" for i in range(self.num_classes)]
         self.class_names = [str(c) for c in class_names]
+        if len(self.class_names) != self.num_classes and classes_file is not None and class_names is names:
+            raise BRPGInputError(
+                f"dataset.classes_file '{classes_file}' has {len(self.class_names)} class lines; expected "
+                f"num_classes={self.num_classes} (one line per class id 0..{self.num_classes - 1}, background first)"
+            )
         if len(self.class_names) != self.num_classes:
             raise BRPGInputError(
                 f"dataset.class_names has {len(self.class_names)} names; expected num_classes={self.num_classes}"
@@ -420,6 +440,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
+            worker_init_fn=worker_init if self.num_workers > 0 else None,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,
             **kwargs,

@@ -37,9 +37,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file
-        raise BRPGInputError(
-            f"model.weights_path={path}: cannot read weights ({type(exc).__name__}: {exc})"
-        ) from None
+        # torch's own text is not repeated: it suggests weights_only=False, which runs any code a pickle holds
+        if "Weights only load failed" in str(exc):
+            reason = ("it holds Python objects besides tensors, which are never unpickled here (that would run "
+                      "the code they hold); save the tensors alone: torch.save(model.state_dict(), path) or "
+                      "safetensors")
+        else:
+            reason = f"not a safetensors file or a torch.save'd state dict ({type(exc).__name__})"
+        raise BRPGInputError(f"model.weights_path={path}: cannot read weights: {reason}") from None
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

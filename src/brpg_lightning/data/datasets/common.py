@@ -203,6 +203,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise DataItemError(f"file '{path}' cannot be opened as an image ({exc})") from None
 
 
+def header_size(path: str | Path, what: str) -> tuple[int, int]:
+    """``(width, height)`` from the header of ``what`` (image, mask); one line naming the file when it is empty,
+    unreadable or no image format PIL knows."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise DataItemError(f"{what} '{path}' is an empty file (0 bytes); expected an image file")
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError) as exc:
+        if "truncated" in str(exc).lower():
+            raise DataItemError(f"{what} '{path}' is truncated ({exc}); re-extract or remove it") from None
+        reason = "not an image file" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+        raise DataItemError(f"{what} '{path}' cannot be decoded ({reason}); expected an image file "
+                            f"({' '.join(IMAGE_SUFFIXES)})") from None
+
+
 @dataclass(frozen=True)
 class Sample:
     """One item: image file, mask file (None for unlabeled) and the name used in batches and messages.
@@ -298,5 +314,20 @@ class PairDataset(Dataset):
         n = len(self)
         if count <= 0 or n == 0:
             return
+        self.check_headers()
         for index in sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist())):
             self.load(index)
+
+    def check_headers(self) -> None:
+        """Every file's header (PIL's lazy open reads no pixels: about a tenth of a millisecond per file): readable,
+        an image format, and each mask the size of its image. A zero-byte file or a text file named ``.png``
+        outside the decoded sample would otherwise stop the run mid-epoch."""
+        for sample in self.samples:
+            size = header_size(sample.image, "image")
+            if self.has_masks and sample.mask is not None:
+                mask_size = header_size(sample.mask, "mask")
+                if mask_size != size:
+                    raise DataItemError(
+                        f"mask '{sample.mask}' is {mask_size[0]}x{mask_size[1]} but image '{sample.image}' is "
+                        f"{size[0]}x{size[1]}; expected the same size"
+                    )
