@@ -16,6 +16,7 @@ from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
 from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.fixmatch import fixmatch_loss
+from brpg_lightning.models.output import SegmentorOutput
 
 
 def feature_dropout(p: float) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -43,6 +44,40 @@ def second_strong_view(unlabeled: dict[str, Any]) -> Tensor:
             "(train.build_datamodule does so from the method's strong_views)"
         )
     return unlabeled["image_strong2"]
+
+
+class StrongViews:
+    """The two strong views of UniMatch (V1 and V2) and what both train on them.
+
+    Each view is CutMix'd with its own boxes together with the weak view's pseudo-labels and confidences; both
+    are trained on them by FixMatch's loss (``fixmatch_loss``, threshold ``eta``). BRPG reads the first view
+    (:meth:`fill`). ``kept`` is the official ``mask_ratio``: the weak view's valid pixels above ``eta``.
+    """
+
+    def __init__(self, unlabeled: dict[str, Any], pseudo: Tensor, conf: Tensor, cutmix_p: float) -> None:
+        self.valid, self.conf = unlabeled["valid"], conf
+        self.x1, self.pseudo1, self.conf1, self.boxes1 = apply_cutmix(unlabeled["image_strong"], pseudo, conf,
+                                                                      p=cutmix_p)
+        self.x2, self.pseudo2, self.conf2, _ = apply_cutmix(second_strong_view(unlabeled), pseudo, conf,
+                                                            p=cutmix_p)
+
+    def images(self) -> Tensor:
+        """``cat(view 1, view 2)``: one student forward for both."""
+        return torch.cat([self.x1, self.x2])
+
+    def loss(self, out1: SegmentorOutput, out2: SegmentorOutput, size: tuple[int, int], eta: float) -> Tensor:
+        """``L(view 1) + L(view 2)``, each FixMatch's loss at the label ``size``."""
+        return (fixmatch_loss(out1.logits_at(size), self.pseudo1, self.conf1, eta)
+                + fixmatch_loss(out2.logits_at(size), self.pseudo2, self.conf2, eta))
+
+    def fill(self, ctx: TrainStepContext, out_teacher: SegmentorOutput, out1: SegmentorOutput, eta: float) -> None:
+        """The step seam: pseudo-labels from ``out_teacher`` (detached), the student's first strong view."""
+        ctx.unlabeled_teacher, ctx.unlabeled_student = out_teacher, out1
+        ctx.pseudo_labels, ctx.pseudo_confidence, ctx.cutmix_boxes = self.pseudo1, self.conf1, self.boxes1
+        ctx.unsup_keep = (self.conf1 >= eta) & (self.pseudo1 != IGNORE_INDEX)
+
+    def kept(self, eta: float) -> Tensor:
+        return ((self.conf >= eta) & self.valid).sum().float() / self.valid.sum().clamp_min(1)
 
 
 class UniMatch(SegmentationModule):
@@ -109,22 +144,16 @@ class UniMatch(SegmentationModule):
         out_w = out_w.detach()
         with torch.no_grad():
             _, conf, pseudo = self.hard_pseudo_labels(out_w, u["valid"])
-            x_s1, pseudo1, conf1, boxes1 = apply_cutmix(u["image_strong"], pseudo, conf, p=self.cutmix_p)
-            x_s2, pseudo2, conf2, _ = apply_cutmix(second_strong_view(u), pseudo, conf, p=self.cutmix_p)
-        out_s1, out_s2 = self.student(torch.cat([x_s1, x_s2])).split([b_u, b_u])
+            views = StrongViews(u, pseudo, conf, self.cutmix_p)
+        out_s1, out_s2 = self.student(views.images()).split([b_u, b_u])
 
         size = tuple(y_l.shape[-2:])
-        loss_s1 = fixmatch_loss(out_s1.logits_at(size), pseudo1, conf1, self.eta)
-        loss_s2 = fixmatch_loss(out_s2.logits_at(size), pseudo2, conf2, self.eta)
         loss_fp = fixmatch_loss(out_fp.logits_at(size), pseudo, conf, self.eta)
         ctx = self.new_context(out_l, y_l)
-        ctx.unlabeled_teacher, ctx.unlabeled_student = out_w, out_s1
-        ctx.pseudo_labels, ctx.pseudo_confidence, ctx.cutmix_boxes = pseudo1, conf1, boxes1
-        ctx.unsup_keep = (conf1 >= self.eta) & (pseudo1 != IGNORE_INDEX)
+        views.fill(ctx, out_w, out_s1, self.eta)
         w = self.loss_scale
         ctx.add_loss("L_s", w * self.supervised_loss(out_l, y_l))
-        ctx.add_loss("L_u", w * self.lambda_s * (loss_s1 + loss_s2))
+        ctx.add_loss("L_u", w * self.lambda_s * views.loss(out_s1, out_s2, size, self.eta))
         ctx.add_loss("L_fp", w * self.lambda_fp * loss_fp)
-        kept = ((conf >= self.eta) & u["valid"]).sum() / u["valid"].sum().clamp_min(1)  # official mask_ratio
-        self.log("train/unsup_kept", kept.float(), batch_size=b_l)
+        self.log_train("train/unsup_kept", views.kept(self.eta), b_l)
         return ctx

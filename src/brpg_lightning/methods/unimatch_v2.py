@@ -10,14 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.methods.base import SegmentationModule
 from brpg_lightning.methods.context import TrainStepContext
-from brpg_lightning.methods.cutmix import apply_cutmix
 from brpg_lightning.methods.ema import EMATeacher
-from brpg_lightning.methods.fixmatch import fixmatch_loss
-from brpg_lightning.methods.unimatch import second_strong_view
+from brpg_lightning.methods.unimatch import StrongViews
 
 EVAL_ON = ("ema", "student")
 
@@ -134,24 +131,18 @@ class UniMatchV2(SegmentationModule):
             self.teacher.eval()
             out_t = self.teacher(u["image"])
             _, conf, pseudo = self.hard_pseudo_labels(out_t, u["valid"])
-            x_s1, pseudo1, conf1, boxes1 = apply_cutmix(u["image_strong"], pseudo, conf, p=self.cutmix_p)
-            x_s2, pseudo2, conf2, _ = apply_cutmix(second_strong_view(u), pseudo, conf, p=self.cutmix_p)
+            views = StrongViews(u, pseudo, conf, self.cutmix_p)
         out_l = self.student(x_l)
         perturb = complementary_dropout(self.comp_drop_pair_p)
-        out_s1, out_s2 = self.student(torch.cat([x_s1, x_s2]), perturb=perturb).split([b_u, b_u])
+        out_s1, out_s2 = self.student(views.images(), perturb=perturb).split([b_u, b_u])
 
         size = tuple(y_l.shape[-2:])
-        loss_s1 = fixmatch_loss(out_s1.logits_at(size), pseudo1, conf1, self.eta)
-        loss_s2 = fixmatch_loss(out_s2.logits_at(size), pseudo2, conf2, self.eta)
         ctx = self.new_context(out_l, y_l)
-        ctx.unlabeled_teacher, ctx.unlabeled_student = out_t, out_s1
-        ctx.pseudo_labels, ctx.pseudo_confidence, ctx.cutmix_boxes = pseudo1, conf1, boxes1
-        ctx.unsup_keep = (conf1 >= self.eta) & (pseudo1 != IGNORE_INDEX)
+        views.fill(ctx, out_t, out_s1, self.eta)
         w = self.loss_scale
         ctx.add_loss("L_s", w * self.supervised_loss(out_l, y_l))
-        ctx.add_loss("L_u", w * self.lambda_s * (loss_s1 + loss_s2))
-        kept = ((conf >= self.eta) & u["valid"]).sum() / u["valid"].sum().clamp_min(1)  # official mask_ratio
-        self.log("train/unsup_kept", kept.float(), batch_size=x_l.shape[0])
+        ctx.add_loss("L_u", w * self.lambda_s * views.loss(out_s1, out_s2, size, self.eta))
+        self.log_train("train/unsup_kept", views.kept(self.eta), x_l.shape[0])
         return ctx
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
