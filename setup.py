@@ -15,5 +15,6 @@ CONF_PACKAGES = [CONF, *(f"{CONF}.{name}" for name in find_namespace_packages("c
 setup(
     packages=[*find_packages("src"), *CONF_PACKAGES],
     package_dir={"": "src", CONF: "conf"},
-    package_data={name: ["*.yaml"] for name in CONF_PACKAGES},
+    package_data={**{name: ["*.yaml"] for name in CONF_PACKAGES},
+                  "brpg_lightning": ["assets/*/*.safetensors", "assets/*/*.json"]},
 )

@@ -52,10 +52,21 @@ def project_root() -> Path:
     return conf.parent
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+"""Files shipped inside the package (the embedded default's pretrained encoder and its card)."""
+
+
+def asset_path(relative: str) -> str:
+    """``${brpg_asset:pretext/x.safetensors}``: a shipped file's absolute path, in a checkout or a wheel."""
+    return str(ASSETS / relative)
+
+
 def register_resolvers() -> None:
-    """Register ``${brpg_root:}`` (:func:`project_root`) once."""
+    """Register ``${brpg_root:}`` (:func:`project_root`) and ``${brpg_asset:...}`` (:func:`asset_path`) once."""
     if not OmegaConf.has_resolver("brpg_root"):
         OmegaConf.register_new_resolver("brpg_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("brpg_asset"):
+        OmegaConf.register_new_resolver("brpg_asset", asset_path)
 
 
 RENAMED_KEYS: dict[str, str] = {

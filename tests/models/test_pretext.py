@@ -1,11 +1,15 @@
-"""The pretext-pretrained encoder: deterministic cache, no benchmark class information, the default route."""
+"""The pretext-pretrained encoder: a pool with nothing of the benchmark, a deterministic tool, shipped weights
+that match their card and load into the default model."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
+import json
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
@@ -14,15 +18,18 @@ from tests.conftest import compose_cfg
 import brpg_lightning.data.datasets.pretext as pretext_data
 from brpg_lightning.data.datasets.pretext import PRETEXT_SHAPES, PRETEXT_TEXTURES, pretext_pool
 from brpg_lightning.data.datasets.synthetic import SHAPES, TEXTURES, synthetic_class_names
-from brpg_lightning.models.pretext import pretext_encoder_weights
+from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.pretext import PretextConfig
+from brpg_lightning.tools import pretrain_encoder as tool
 
-TINY_PRETEXT = {"image_size": 32, "pool_size": 8, "steps": 2, "batch_size": 4}
+TINY_PRETEXT = PretextConfig(image_size=32, pool_size=8, heldout_size=4, steps=2, batch_size=4)
 
 
-def test_pretext_classes_are_disjoint_from_the_benchmark_by_construction() -> None:
+def test_pretext_pool_shares_no_class_shape_or_texture_with_the_benchmark() -> None:
     assert not set(PRETEXT_SHAPES) & set(SHAPES)
     assert not set(PRETEXT_TEXTURES) & set(TEXTURES)
-    assert not set(PRETEXT_SHAPES + PRETEXT_TEXTURES) & set(synthetic_class_names(37))
+    names = set(synthetic_class_names(37))  # every benchmark class name, at the largest class count
+    assert not any(p in n or n in p for p in PRETEXT_SHAPES + PRETEXT_TEXTURES for n in names)
     imported = set()
     for node in ast.walk(ast.parse(inspect.getsource(pretext_data))):  # draws with its own code only
         if isinstance(node, ast.ImportFrom):
@@ -32,42 +39,48 @@ def test_pretext_classes_are_disjoint_from_the_benchmark_by_construction() -> No
     assert not any("brpg_lightning" in m for m in imported), imported
 
 
-def test_pretext_pool_is_seeded() -> None:
+def test_pretext_pool_is_seeded_and_the_heldout_images_are_others() -> None:
     a, b, c = pretext_pool(0, 24, 3), pretext_pool(0, 24, 3), pretext_pool(1, 24, 3)
     assert all(torch.equal(torch.from_numpy(x), torch.from_numpy(y)) for x, y in zip(a, b, strict=True))
     assert not (a[0] == c[0]).all()
+    held = pretext_pool(0, 24, 3, "heldout")
+    assert not any((held[0][i] == a[0][j]).all() for i in range(3) for j in range(3))
 
 
-def test_pretext_cache_is_deterministic_and_reused(tmp_path) -> None:
-    first = pretext_encoder_weights(str(tmp_path / "a"), **TINY_PRETEXT)
-    second = pretext_encoder_weights(str(tmp_path / "b"), **TINY_PRETEXT)
-    assert Path(first).read_bytes() == Path(second).read_bytes()  # same seed, same bytes
-    other = pretext_encoder_weights(str(tmp_path / "c"), **TINY_PRETEXT, seed=1)
-    assert Path(first).read_bytes() != Path(other).read_bytes()
-    stamp = (tmp_path / "a" / first.rsplit("/", 1)[1]).stat().st_mtime_ns
-    assert pretext_encoder_weights(str(tmp_path / "a"), **TINY_PRETEXT) == first  # cache hit: not rebuilt
-    assert (tmp_path / "a" / first.rsplit("/", 1)[1]).stat().st_mtime_ns == stamp
-
-
-def test_pretraining_leaves_the_run_rng_alone(tmp_path) -> None:
+def test_pretraining_tool_is_deterministic_and_leaves_the_caller_rng_alone(tmp_path) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    pretext_encoder_weights(str(tmp_path), **TINY_PRETEXT)
+    cards = [tool.write(TINY_PRETEXT, tmp_path / d, threads=1, log=lambda *_: None) for d in ("a", "b")]
     assert torch.equal(torch.rand(3), expected)
+    files = [p.with_name(json.loads(p.read_text())["file"]) for p in cards]
+    assert files[0].read_bytes() == files[1].read_bytes()  # same seed, same bytes
+    card = json.loads(cards[0].read_text())
+    assert card["sha256"] == hashlib.sha256(files[0].read_bytes()).hexdigest()
+    other = tool.write(PretextConfig(**{**TINY_PRETEXT.__dict__, "seed": 1}), tmp_path / "c", threads=1,
+                       log=lambda *_: None)
+    assert other.with_name(card["file"]).read_bytes() != files[0].read_bytes()
+    with pytest.raises(BRPGInputError, match="exists; pass --overwrite"):
+        tool.write(TINY_PRETEXT, tmp_path / "a", threads=1, log=lambda *_: None)
 
 
-def test_pretext_model_starts_from_the_pretext_encoder(tmp_path) -> None:
-    assert compose_cfg().model.weights_path is None  # the default trains from scratch (opt-in until measured)
-    for experiment in (None, "sup_only", "ceiling"):  # every Table 6 row starts from the same encoder
-        extra = () if experiment is None else (f"experiment={experiment}",)
-        cfg = compose_cfg("model=deeplabv3plus_small_pretext", *extra)
-        assert cfg.model.weights_path._target_.endswith("pretext.pretext_encoder_weights")
-        assert cfg.model.encoder_name == "tu-resnet10t"
-    cfg = compose_cfg("model=deeplabv3plus_small_pretext", f"paths.cache_dir={tmp_path}",
-                      *(f"model.weights_path.{k}={v}" for k, v in TINY_PRETEXT.items()))
-    model = instantiate(cfg.model)
-    saved = load_file(next((tmp_path / "pretext").glob("*.safetensors")))
+def test_shipped_encoder_matches_its_card_and_loads_into_the_default_model() -> None:
+    cfg = compose_cfg()
+    path = Path(cfg.model.weights_path)
+    card = json.loads(path.with_name(path.name.replace(".safetensors", ".card.json")).read_text())
+    assert card["file"] == path.name
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"]
+    assert path.stat().st_size <= 8 * 1024 * 1024
+    # the card's network is the default model's encoder
+    for key in ("arch", "encoder_name", "encoder_depth"):
+        assert card["config"][key] == cfg.model[key], key
+    # far above chance on held-out pretext images (4 shapes, 4 textures: chance 0.25 each)
+    assert card["heldout_pretext_accuracy"]["shape_acc_fg"] > 2 * card["chance"]["shape_acc_fg"]
+    assert card["heldout_pretext_accuracy"]["texture_acc_fg"] > 2 * card["chance"]["texture_acc_fg"]
+    saved = load_file(str(path))
+    model = instantiate(cfg.model)  # the route of a user's downloaded weights: model.weights_path
     own = model.encoder.state_dict()
     assert saved.keys() == own.keys()
-    assert all(torch.equal(saved[k], own[k]) for k in saved)
+    assert all(torch.equal(saved[k].to(own[k].dtype), own[k]) for k in saved)
+    for experiment in ("sup_only", "ceiling"):  # every Table 6 row starts from the same encoder
+        assert compose_cfg(f"experiment={experiment}").model.weights_path == str(path)

@@ -4,20 +4,21 @@ The paper starts every network from ImageNet weights; offline, the embedded benc
 pretrained once on this pool (``models/pretext.py``). The pool carries no information about the benchmark's
 classes or masks BY CONSTRUCTION:
 
-- its shape families (:data:`PRETEXT_SHAPES`: star, crescent, L-shape, half-disc) and texture patterns
-  (:data:`PRETEXT_TEXTURES`: angular sectors, concentric rings, thresholded blobs, linear ramp) are disjoint
+- its shape families (:data:`PRETEXT_SHAPES`: star, amoeba, heart, snake) and texture patterns
+  (:data:`PRETEXT_TEXTURES`: angular sectors, a spiral, thresholded blobs, linear ramp) are disjoint
   from the synthetic benchmark's (``disc, square, triangle, ring, cross, bar`` x ``stripes, checker, dots,
   grid, grain, solid``), and this module draws them with its own code (it imports nothing from
   ``synthetic.py``);
 - its backgrounds are its own (smooth colour noise only; no gradient, no faint distractor patterns);
-- it is drawn from its own random streams (``numpy.random.default_rng([seed, 7, i])``), never written into a
+- it is drawn from its own random streams (``numpy.random.default_rng([seed, 7 or 8, i])``), never written into a
   dataset folder, and holds no benchmark image.
 
 What it shares with the benchmark is only what ImageNet shares with PASCAL: natural-ish image statistics
 (objects with edges and patterns on a background). Each item has two dense targets: the pretext shape id
 (0 = background, 1..4) and the pretext texture id (0 = background, 1..4) of every pixel.
 
-Determinism: image ``i`` uses ``default_rng([seed, 7, i])``; the same arguments give identical arrays.
+Determinism: image ``i`` uses ``default_rng([seed, 7, i])`` (held-out images ``[seed, 8, i]``); the same
+arguments give identical arrays.
 """
 
 from __future__ import annotations
@@ -27,28 +28,32 @@ import math
 import numpy as np
 from PIL import Image
 
-PRETEXT_SHAPES: tuple[str, ...] = ("star", "crescent", "lshape", "halfdisc")
-PRETEXT_TEXTURES: tuple[str, ...] = ("sectors", "rings", "blobs", "ramp")
-_STREAM = 7  # the pretext pool's stream code (the benchmark uses 1 = train, 2 = val)
+PRETEXT_SHAPES: tuple[str, ...] = ("star", "amoeba", "heart", "snake")
+PRETEXT_TEXTURES: tuple[str, ...] = ("sectors", "spiral", "blobs", "ramp")
+_STREAMS = {"train": 7, "heldout": 8}  # the pretext pool's stream codes (the benchmark uses 1 = train, 2 = val)
 
 
 def _shape(rng: np.random.Generator, name: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Boolean footprint of pretext shape ``name`` with half-extent ``r`` in object coordinates."""
+    """Boolean footprint of pretext shape ``name`` with half-extent ``r`` in object coordinates.
+
+    None is built from the benchmark's primitives (disc, square, triangle, ring, cross, bar): the outlines
+    are polar curves with lobes (star, amoeba), an implicit curve (heart) or a sine-bent band (snake).
+    """
+    ang = np.arctan2(v, u)
     if name == "star":  # five points: radius oscillates with the angle
         k = rng.uniform(0.35, 0.55)
-        ang = np.arctan2(v, u)
         rad = r * (1 - k * (0.5 + 0.5 * np.cos(5 * ang)))
         return u * u + v * v <= rad * rad
-    if name == "crescent":  # a disc minus a shifted disc
-        shift = r * rng.uniform(0.35, 0.6)
-        return (u * u + v * v <= r * r) & ((u - shift) ** 2 + v * v > (r * rng.uniform(0.75, 0.9)) ** 2)
-    if name == "lshape":  # two arms meeting at a corner
-        w = r * rng.uniform(0.35, 0.5)
-        arm1 = (u >= -r) & (u <= r) & (v >= -r) & (v <= -r + w)
-        arm2 = (u >= -r) & (u <= -r + w) & (v >= -r) & (v <= r)
-        return arm1 | arm2
-    if name == "halfdisc":
-        return (u * u + v * v <= r * r) & (v >= 0)
+    if name == "amoeba":  # irregular smooth outline: random low-order Fourier radius
+        amp, phase = rng.uniform(0.08, 0.2, 3), rng.uniform(0, 2 * math.pi, 3)
+        rad = r * (0.8 + sum(a * np.cos(k * ang + p) for k, a, p in zip((2, 3, 4), amp, phase, strict=True)))
+        return u * u + v * v <= rad * rad
+    if name == "heart":  # (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, scaled to r
+        x, y = u / (0.85 * r), -v / (0.85 * r)
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    if name == "snake":  # a band bent along a sine wave
+        w, period = r * rng.uniform(0.22, 0.32), r * rng.uniform(0.8, 1.2)
+        return (np.abs(u) <= r) & (np.abs(v - 0.45 * r * np.sin(2 * math.pi * u / period)) <= w)
     raise AssertionError(name)
 
 
@@ -57,10 +62,10 @@ def _texture(rng: np.random.Generator, name: str, u: np.ndarray, v: np.ndarray, 
     if name == "sectors":  # pinwheel: angular sectors around the object's centre
         n = int(rng.integers(3, 7))
         return ((np.arctan2(v, u) + math.pi) / (2 * math.pi) * 2 * n % 2 < 1).astype(np.float32)
-    if name == "rings":  # concentric circles around a point near the centre
-        period = rng.uniform(5.0, 8.0)
-        du, dv = rng.uniform(-3, 3, 2)
-        return (np.sqrt((u - du) ** 2 + (v - dv) ** 2) / period % 1.0 < 0.5).astype(np.float32)
+    if name == "spiral":  # an Archimedean spiral band: open arms, never a closed ring
+        period = rng.uniform(6.0, 9.0)
+        turns = np.sqrt(u * u + v * v) / period + (np.arctan2(v, u) + math.pi) / (2 * math.pi)
+        return (turns % 1.0 < 0.5).astype(np.float32)
     if name == "blobs":  # thresholded smooth noise (camouflage patches)
         g = int(rng.integers(4, 8))
         low = rng.uniform(0, 255, (g, g)).astype(np.uint8)
@@ -107,8 +112,12 @@ def render_pretext_image(rng: np.random.Generator, size: int) -> tuple[np.ndarra
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), shape_map, tex_map
 
 
-def pretext_pool(seed: int, size: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``count`` pretext images ``(N, S, S, 3)`` uint8 and their shape and texture maps ``(N, S, S)`` uint8."""
-    items = [render_pretext_image(np.random.default_rng([int(seed), _STREAM, i]), size) for i in range(int(count))]
+def pretext_pool(seed: int, size: int, count: int, subset: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` pretext images ``(N, S, S, 3)`` uint8 and their shape and texture maps ``(N, S, S)`` uint8.
+
+    ``subset="heldout"`` draws from a stream of its own, for the pretext accuracy of a pretrained encoder.
+    """
+    stream = _STREAMS[subset]
+    items = [render_pretext_image(np.random.default_rng([int(seed), stream, i]), size) for i in range(int(count))]
     images, shapes, textures = (np.stack(x) for x in zip(*items, strict=True))
     return images, shapes, textures
