@@ -171,22 +171,14 @@ def report_folder(cfg: DictConfig) -> Path | None:
 
 def check_report_folder(folder: Path) -> None:
     """Refuse a report folder that cannot be written, before the evaluation runs (a read-only checkpoint
-    folder would otherwise fail after the whole evaluation, with the result unprinted). The folder is created
-    (as the reports would create it) and a file is written into it and removed: permission bits alone do not
-    tell (root ignores them; a read-only mount does not)."""
-    import tempfile
+    folder would otherwise fail after the whole evaluation, with the result unprinted):
+    :func:`brpg_lightning.run_dir.check_writable_folder`, as ``predict`` and ``export`` check theirs."""
+    from brpg_lightning.run_dir import check_writable_folder
 
-    if folder.exists() and not folder.is_dir():
-        raise BRPGInputError(f"output={folder}: exists and is not a folder; pass output=<folder> for the reports")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".brpg-write-check-"):
-            pass
-    except OSError as exc:
-        raise BRPGInputError(
-            f"cannot write the reports into '{folder}' ({exc.strerror or exc}); pass output=<folder> for the "
-            f"reports, or report=false"
-        ) from None
+        check_writable_folder(folder, "output")
+    except BRPGInputError as exc:
+        raise BRPGInputError(f"{exc} for the reports, or report=false") from None
 
 
 def check_no_report(folder: Path, ckpt_path: str | Path, overwrite: bool) -> None:

@@ -205,6 +205,39 @@ def _evaluate_into_unwritable_folder(tmp: Path):
     return run, cfg, [ckpt.parent]
 
 
+def _predict_into(output: str):
+    """predict of a good input folder into ``output`` (``{tmp}`` is the test's folder); the checkpoint is never read."""
+
+    def call(tmp: Path):
+        from brpg_lightning.predict import run
+
+        inp = tmp / "photos"
+        inp.mkdir()
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(inp / "a.png")
+        (tmp / "afile").write_text("a file, not a folder\n")
+        ckpt = tmp / "model.ckpt"
+        ckpt.write_bytes(b"never read: the output is checked first")
+        cfg = compose_cfg(f"ckpt_path={ckpt}", f"input={inp}", f"output={output.format(tmp=tmp)}", "progress=false",
+                          config_name="predict")
+        return run, cfg, [inp, tmp / "afile", ckpt]
+
+    return call
+
+
+def _export_into(output: str):
+    def call(tmp: Path):
+        from brpg_lightning.export import run
+
+        (tmp / "afile").write_text("a file, not a folder\n")
+        ckpt = tmp / "model.ckpt"
+        ckpt.write_bytes(b"never read: the output is checked first")
+        cfg = compose_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={output.format(tmp=tmp)}",
+                          config_name="export")
+        return run, cfg, [tmp / "afile", ckpt]
+
+    return call
+
+
 def _evaluate_over_a_report(tmp: Path):
     from brpg_lightning.evaluate import run
 
@@ -358,7 +391,16 @@ CASES: dict[str, Case] = {
     "no unlabeled images, FixMatch": Case(_train_data(binary(1), 2, 0, "method=fixmatch"), ("(method=fixmatch)",)),
     "predict: stems collide": Case(_predict_colliding_stems, ("'a.jpg', 'a.png' -> 'a.png'", "photos")),
     "evaluate: report folder not writable": Case(_evaluate_into_unwritable_folder,
-                                                 ("/proc/self/brpg-reports", "output=<folder>")),
+                                                 ("output=/proc/self/brpg-reports", "cannot write there",
+                                                  "output=<a writable folder>", "report=false")),
+    "predict: output in /proc": Case(_predict_into("/proc/self/brpg-masks"),
+                                     ("output=/proc/self/brpg-masks", "cannot write there", "a writable folder")),
+    "predict: output under a file": Case(_predict_into("{tmp}/afile/masks"),
+                                         ("afile/masks", "Not a directory", "a writable folder")),
+    "export: output in /proc": Case(_export_into("/proc/self/model.pt"),
+                                    ("output=/proc/self/model.pt", "cannot write into /proc/self", "a writable path")),
+    "export: output under a file": Case(_export_into("{tmp}/afile/model.pt"),
+                                        ("output=", "afile/model.pt", "exists and is not a folder", "a writable path")),
     "evaluate: an earlier report": Case(_evaluate_over_a_report, ("last.eval.json", "already exists",
                                                                   "overwrite=true")),
     "evaluate: 7-class checkpoint, dataset of unstated classes": Case(
@@ -463,3 +505,13 @@ def test_cli_unset_mandatory_key_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert "ckpt_path is not set" in line and "Traceback" not in proc.stderr
+
+
+def test_writable_folder_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The check writes for real, then removes the folders and the file it made: a later refusal leaves no trace."""
+    from brpg_lightning.run_dir import check_writable_folder
+
+    check_writable_folder(tmp_path / "a" / "b")
+    (tmp_path / "kept").mkdir()
+    check_writable_folder(tmp_path / "kept")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
