@@ -76,6 +76,20 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (CRC recomputed): PIL reads the size from the header
+    alone, so a huge image costs a few bytes here."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    start = 8 + 4  # signature, IHDR length
+    assert data[start : start + 4] == b"IHDR"
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
+    return bytes(data)
+
+
 def binary(foreground: int, background: int | None = 0) -> list[np.ndarray]:
     """Four masks: a square of ``foreground`` on ``background`` (None: all ``foreground``)."""
     masks = []
@@ -354,6 +368,7 @@ VALUE_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "method.ema_decay=1.5": (("method.ema_decay=1.5",), ("method.ema_decay=1.5", "a number in [0, 1]")),
     "seed=abc": (("seed=abc",), ("seed='abc'", "an integer >= 0")),
     "dataset.num_classes=abc": (("dataset.num_classes=abc",), ("dataset.num_classes='abc'", "an integer >= 2")),
+    "dataset.max_image_pixels=0": (("dataset.max_image_pixels=0",), ("dataset.max_image_pixels=0", "an integer >= 1")),
     "trainer.precision=fp8": (("trainer.precision=fp8",), ("trainer.precision='fp8'", "16-mixed", "bf16-mixed")),
 }
 """Values out of range, each refused at start-up by ``brpg_lightning.validate``: overrides -> names."""
@@ -376,6 +391,13 @@ CASES: dict[str, Case] = {
     "a val mask of another size": Case(
         _train_bad_file("val/masks/v1.png", png_bytes(np.zeros((8, 8), np.uint8))),
         ("val/masks/v1.png", "8x8", "16x16", "expected the same size")),
+    "a 14000 x 14000 unlabeled image (PIL's decompression-bomb limit)": Case(
+        _train_bad_file("unlabeled/images/u3.png", png_claiming(14000, 14000)),
+        ("unlabeled/images/u3.png", "14000x14000 = 196000000 pixels", "dataset.max_image_pixels=89478485",
+         "raise dataset.max_image_pixels")),
+    "16 x 16 images above a lowered dataset.max_image_pixels": Case(
+        _train_data(binary(1), 2, 4, "dataset.max_image_pixels=200"),
+        ("images/", "16x16 = 256 pixels", "above dataset.max_image_pixels=200")),
     "classes file with a line too many": Case(
         _train_with_file("dataset.classes_file", lambda p: p.write_text("background\ncat\ndog\n")),
         ("dataset.classes_file", "given/file", "3 class lines", "num_classes=2")),
@@ -515,3 +537,31 @@ def test_writable_folder_check_leaves_nothing_behind(tmp_path: Path) -> None:
     (tmp_path / "kept").mkdir()
     check_writable_folder(tmp_path / "kept")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_image_size_limits_of_both_decoders(tmp_path: Path, monkeypatch) -> None:
+    """PIL's limit is ``dataset.max_image_pixels`` (raising it lets the file through); OpenCV's is its own,
+    ``OPENCV_IO_MAX_IMAGE_PIXELS``, fixed per process: a real OpenCV run under a lowered limit names it."""
+    from brpg_lightning.data.datasets import common
+
+    monkeypatch.setattr(common.Image, "MAX_IMAGE_PIXELS", common.Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setenv(common.MAX_PIXELS_VARIABLE, "restored by monkeypatch")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_claiming(14000, 14000))
+    common.set_max_image_pixels(14000 * 14000)
+    assert common.header_size(huge, "image") == (14000, 14000)
+    assert common.Image.MAX_IMAGE_PIXELS == 196_000_000
+    common.set_max_image_pixels(None)
+    assert common.header_size(huge, "mask") == (14000, 14000)
+    small = tmp_path / "small.png"
+    small.write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))
+    code = ("import sys; from brpg_lightning.data.datasets.common import read_image\n"
+            "try:\n    read_image(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    env = {**ENV, "OPENCV_IO_MAX_IMAGE_PIXELS": "100"}
+    proc = subprocess.run([sys.executable, "-c", code, str(small)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("DataItemError"), proc.stdout + proc.stderr
+    assert "16x16 = 256 pixels, above OpenCV's limit of 100" in proc.stdout and "OPENCV_IO_MAX_IMAGE_PIXELS" in proc.stdout
+    monkeypatch.setattr(common, "OPENCV_MAX_PIXELS", 100)  # the header check names the same limit before any decoding
+    with pytest.raises(common.DataItemError, match="above OpenCV's limit of 100"):
+        common.header_size(small, "image")
+    assert common.header_size(small, "mask") == (16, 16)  # masks are PIL's: OpenCV's limit does not apply
