@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from brpg_lightning.checkpoint import load_checkpoint
+from brpg_lightning.checkpoint import check_resumable, load_checkpoint
 from brpg_lightning.config import check_mandatory
 from brpg_lightning.errors import BRPGInputError, BRPGRunError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
@@ -122,7 +122,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:  # a missing, truncated or foreign file: one line naming a good one beside it
-        load_checkpoint(ckpt_path, mmap=True)
+        # another method, class count or model: one line now, not load_state_dict's error inside fit
+        check_resumable(load_checkpoint(ckpt_path, mmap=True), module, OmegaConf.to_container(cfg, resolve=True),
+                        ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = fit_summary(trainer, module)

@@ -184,6 +184,31 @@ def _train_with_file(key: str, write: Callable[[Path], None], *extra: str):
     return call
 
 
+def _checkpoint_of(*overrides: str):
+    """``write(path)``: a checkpoint as a run of ``FOLDER_RUN`` plus ``overrides`` leaves it (its module's weights,
+    untrained, and its run config), without training."""
+
+    def write(path: Path) -> None:
+        import torch
+        from omegaconf import OmegaConf
+
+        from brpg_lightning.train import build_module
+
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={path.parent}", *overrides,
+                          output_dir=path.parent / "r")
+        module = build_module(cfg, class_names=[f"c{i}" for i in range(int(cfg.dataset.num_classes))])
+        torch.save({"state_dict": module.state_dict(), "epoch": 1, "global_step": 4,
+                    "hyper_parameters": {"run_config": OmegaConf.to_container(cfg, resolve=True)}}, path)
+
+    return write
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    _checkpoint_of()(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _pickled_object(path: Path) -> None:
     import argparse
 
@@ -407,6 +432,20 @@ CASES: dict[str, Case] = {
     "pickled objects as model.weights_path": Case(
         _train_with_file("model.weights_path", _pickled_object),
         ("model.weights_path=", "Python objects besides tensors", "torch.save(model.state_dict(), path)")),
+    "train: ckpt_path a text file": Case(
+        _train_with_file("ckpt_path", lambda p: p.write_text("not a checkpoint\n")),
+        ("ckpt_path=", "given/file", "not a readable PyTorch checkpoint")),
+    "train: ckpt_path truncated": Case(
+        _train_with_file("ckpt_path", _truncated_checkpoint), ("ckpt_path=", "given/file", "truncated or corrupt")),
+    "train: ckpt_path of another class count": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("dataset.num_classes=5")),
+        ("dataset.num_classes=2", "checkpoint's model has 5 classes", "given/file", "resume it on its own dataset")),
+    "train: ckpt_path of another model": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("model.decoder_channels=32")),
+        ("ckpt_path=", "given/file", "weights do not fit the model this run builds", "of another shape")),
+    "train: ckpt_path of another method": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("method=fixmatch")),
+        ("ckpt_path=", "given/file", "a checkpoint of method=fixmatch", "method=mean_teacher")),
     "no unlabeled images, mean teacher + BRPG": Case(
         _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
                                        "unlabeled/images")),
