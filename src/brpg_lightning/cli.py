@@ -20,6 +20,21 @@ EXIT_INTERRUPTED = 130
 """128 + SIGINT: Ctrl-C stopped the run at a batch boundary after writing ``checkpoints/preempted.ckpt``."""
 
 
+class ErrorExit(SystemExit):
+    """``SystemExit(code)`` that also carries the one ``error:`` line printed (a multirun lists it at the end)."""
+
+    def __init__(self, code: int, line: str) -> None:
+        super().__init__(code)
+        self.line = line
+
+
+def fail(code: int, message: str) -> None:
+    """Print ``error: <message>`` on stderr and exit with ``code`` (:class:`ErrorExit`)."""
+    line = f"error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    raise ErrorExit(code, line)
+
+
 def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn``; a :class:`BRPGInputError` (also when wrapped by Hydra/OmegaConf) prints one line, exits 2.
 
@@ -39,18 +54,14 @@ def exit_on_bad_input(fn: Callable[..., Any]) -> Callable[..., Any]:
             resume = (f"; resume with ckpt_path={checkpoint}" if checkpoint is not None
                       else "; see the log for the checkpoint to resume from")
             if getattr(exc, "signal_name", "SIGTERM") == "SIGINT":
-                print(f"error: interrupted (SIGINT){resume}", file=sys.stderr)
-                sys.exit(EXIT_INTERRUPTED)
-            print(f"error: pre-empted (SIGTERM){resume}", file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
+                fail(EXIT_INTERRUPTED, f"interrupted (SIGINT){resume}")
+            fail(EXIT_PREEMPTED, f"pre-empted (SIGTERM){resume}")
         except BRPGRunError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(EXIT_RUN_FAILED)
+            fail(EXIT_RUN_FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is (caused by) bad input
             cause = input_error_in(exc)
             if cause is None:
                 raise
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
+            fail(EXIT_BAD_INPUT, str(cause))
 
     return wrapper

@@ -604,3 +604,22 @@ def test_image_size_limits_of_both_decoders(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(common.DataItemError, match="above OpenCV's limit of 100"):
         common.header_size(small, "image")
     assert common.header_size(small, "mask") == (16, 16)  # masks are PIL's: OpenCV's limit does not apply
+
+
+def test_multirun_runs_every_job_and_lists_the_failed_ones(tmp_path: Path) -> None:
+    """A 2-job multirun whose first job has a bad value: the second still trains (its ``metrics.json``), the
+    first is listed at the end with its one line, and the exit status is 2 (every failure was bad input)."""
+    from tests.conftest import TINY
+
+    sweep = tmp_path / "sweep"
+    args = [*TINY, "brpg=none", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", f"dataset.root={tmp_path / 'data'}", "seed=abc,0",
+            f"hydra.sweep.dir={sweep}"]
+    proc = _cli("brpg_lightning", "-m", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "0" / "metrics.json").exists()
+    assert "Traceback" not in proc.stderr
+    tail = proc.stderr[proc.stderr.index("multirun: 1 of 2 jobs failed"):].splitlines()
+    assert len(tail) == 2 and tail[1].startswith(f"  job 0 (seed=abc; {sweep / '0'}): error: seed='abc'"), tail
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: seed='abc': expected an integer >= 0"]
