@@ -221,6 +221,60 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return ckpt
 
 
+def stored_num_classes(ckpt: Mapping[str, Any]) -> int | None:
+    """The class count of the checkpoint's model (its run config's ``model.num_classes``), None when not stated."""
+    model = ((ckpt.get("hyper_parameters") or {}).get("run_config") or {}).get("model") or {}
+    value = model.get("num_classes")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_class_count(ckpt: Mapping[str, Any], num_classes: Any, path: str | Path, expected: str) -> None:
+    """``dataset.num_classes`` against the checkpoint's model (train resumes from it, evaluate scores it): one line
+    naming both counts and ``expected`` (what to do instead)."""
+    stored = stored_num_classes(ckpt)
+    if stored is not None and int(num_classes) != stored:
+        raise BRPGInputError(
+            f"dataset.num_classes={num_classes} but the checkpoint's model has {stored} classes (ckpt_path={path}); "
+            f"{expected}"
+        )
+
+
+def check_weights_fit(expected: Mapping[str, Tensor], stored: Mapping[str, Tensor], path: str | Path,
+                      what: str) -> None:
+    """The checkpoint's weights ``stored`` load into a network whose ``state_dict()`` is ``expected``: the same names
+    and shapes. One line counting and naming the first missing, unexpected and reshaped entries, instead of
+    ``load_state_dict``'s many-line error after the data and the trainer were set up. Shapes only: memory-mapped
+    tensors are not read."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    reshaped = [f"{k} {tuple(stored[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+                if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+    parts = [f"{len(items)} {kind} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})"
+             for kind, items in (("of another shape", reshaped), ("missing", missing), ("unexpected", unexpected))
+             if items]
+    if parts:
+        raise BRPGInputError(f"ckpt_path={path}: its weights do not fit {what}: {'; '.join(parts)}")
+
+
+def check_resumable(ckpt: Mapping[str, Any], module: nn.Module, run_config: Mapping[str, Any],
+                    path: str | Path) -> None:
+    """A checkpoint training can resume from: the run's method, its dataset's class count, and weights that fit the
+    module built from the run's config (model and method). One line, before ``Trainer.fit`` reads the file."""
+    stored = (ckpt.get("hyper_parameters") or {}).get("run_config") or {}
+    ours, theirs = (str((c.get("method") or {}).get("_target_", "")) for c in (run_config, stored))
+    if theirs and ours and theirs != ours:
+        name = theirs.rsplit(".", 2)[-2] if "." in theirs else theirs
+        raise BRPGInputError(
+            f"ckpt_path={path}: a checkpoint of method={name}, not this run's method={ours.rsplit('.', 2)[-2]}; "
+            f"resume it with method={name}, or start a new run without ckpt_path"
+        )
+    num_classes = (run_config.get("dataset") or {}).get("num_classes")
+    if num_classes is not None:
+        check_class_count(ckpt, num_classes, path, "resume it on its own dataset, or start a new run without ckpt_path")
+    check_weights_fit(module.state_dict(), ckpt.get("state_dict") or {}, path,
+                      "the model this run builds (model=, method= and their keys must be the checkpoint's)")
+
+
 def read_inference(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """The checkpoint's ``inference`` block, checked; one-line errors say what is missing or which version."""
     meta = ckpt.get("inference")
@@ -305,12 +359,8 @@ def build_eval_network(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: s
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         if not state:
             raise BRPGInputError(f"ckpt_path={path}: no weights under '{prefix}' in state_dict")
-        missing, unexpected = segmentor.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BRPGInputError(
-                f"ckpt_path={path}: weights under '{prefix}' do not fit the stored model config "
-                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-            )
+        check_weights_fit(segmentor.state_dict(), state, path, f"the stored model config (weights under '{prefix}')")
+        segmentor.load_state_dict(state)
         members.append(segmentor)
     return (members[0] if len(members) == 1 else MeanLogits(*members)).eval()
 

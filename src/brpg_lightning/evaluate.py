@@ -24,7 +24,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brpg_lightning.checkpoint import load_checkpoint, stored_align_corners, stored_eval_protocol
+from brpg_lightning.checkpoint import (
+    check_class_count,
+    check_weights_fit,
+    load_checkpoint,
+    stored_align_corners,
+    stored_eval_protocol,
+)
 from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import check_mandatory, config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
@@ -78,11 +84,8 @@ def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         protocol = eval_protocol_for(ckpt, overrides)
         run_cfg.dataset.val_mode, run_cfg.dataset.val_crop_size = protocol.mode, protocol.crop_size
         run_cfg.dataset.val_stride = protocol.stride
-    if int(run_cfg.dataset.num_classes) != stored:
-        raise BRPGInputError(
-            f"dataset.num_classes={run_cfg.dataset.num_classes} but the checkpoint's model has {stored} classes; "
-            f"expected a dataset of {stored} classes (a model scores only the classes it was trained on)"
-        )
+    check_class_count(ckpt, run_cfg.dataset.num_classes, cfg.ckpt_path,
+                      f"expected a dataset of {stored} classes (a model scores only the classes it was trained on)")
     return run_cfg
 
 
@@ -99,6 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = run_config_for(cfg, ckpt)
     datamodule = build_datamodule(run_cfg)
     module = build_module(run_cfg, class_names=datamodule.class_names)
+    check_weights_fit(module.state_dict(), ckpt["state_dict"], cfg.ckpt_path, "the model of its own run config")
     module.load_state_dict(ckpt["state_dict"])
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer), logger=False, enable_checkpointing=False, enable_progress_bar=False
@@ -171,22 +175,14 @@ def report_folder(cfg: DictConfig) -> Path | None:
 
 def check_report_folder(folder: Path) -> None:
     """Refuse a report folder that cannot be written, before the evaluation runs (a read-only checkpoint
-    folder would otherwise fail after the whole evaluation, with the result unprinted). The folder is created
-    (as the reports would create it) and a file is written into it and removed: permission bits alone do not
-    tell (root ignores them; a read-only mount does not)."""
-    import tempfile
+    folder would otherwise fail after the whole evaluation, with the result unprinted):
+    :func:`brpg_lightning.run_dir.check_writable_folder`, as ``predict`` and ``export`` check theirs."""
+    from brpg_lightning.run_dir import check_writable_folder
 
-    if folder.exists() and not folder.is_dir():
-        raise BRPGInputError(f"output={folder}: exists and is not a folder; pass output=<folder> for the reports")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".brpg-write-check-"):
-            pass
-    except OSError as exc:
-        raise BRPGInputError(
-            f"cannot write the reports into '{folder}' ({exc.strerror or exc}); pass output=<folder> for the "
-            f"reports, or report=false"
-        ) from None
+        check_writable_folder(folder, "output")
+    except BRPGInputError as exc:
+        raise BRPGInputError(f"{exc} for the reports, or report=false") from None
 
 
 def check_no_report(folder: Path, ckpt_path: str | Path, overwrite: bool) -> None:

@@ -38,6 +38,7 @@ from brpg_lightning.cli import exit_on_bad_input
 from brpg_lightning.config import check_mandatory, config_dir, register_resolvers
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol
+from brpg_lightning.run_dir import check_writable_folder
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -133,10 +134,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"format=onnx needs the 'export' extra ({exc.name} is missing): pip install -e '.[export]'"
             ) from exc
     ckpt_path = Path(cfg.ckpt_path)
-    net, meta = load_for_inference(ckpt_path)
     output = Path(cfg.output) if cfg.get("output") else ckpt_path.with_suffix(FORMATS[fmt])
+    if output.is_dir():
+        raise BRPGInputError(f"output={output}: is a folder; expected the file to write, e.g. output={output / 'model'}"
+                             f"{FORMATS[fmt]}")
     if output.exists() and not cfg.overwrite:
         raise BRPGInputError(f"output={output}: already exists; pass overwrite=true to replace it")
+    check_writable_folder(output.parent, "output", output)  # before the checkpoint is read and the network traced
+    net, meta = load_for_inference(ckpt_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in cfg.sample_size)
     sample = torch.zeros(1, 3, h, w)

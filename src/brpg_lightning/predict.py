@@ -12,7 +12,8 @@ an image with a side longer than the window goes window by window (``models.infe
 overlapping logits averaged). The window and its stride are the checkpoint's sliding-window protocol when it is
 one (``eval_protocol``), else 1024 and 2/3 of it; ``window_size`` and ``window_stride`` replace them.
 Everything comes from the checkpoint's ``inference`` block (:mod:`brpg_lightning.checkpoint`); no dataset is
-read. Existing files in ``output`` are never replaced unless ``overwrite=true``. An unreadable file is skipped
+read. Existing files in ``output`` are never replaced unless ``overwrite=true``; an ``output`` that cannot be
+written is refused before any image is read. An unreadable file is skipped
 with a warning naming it; the run then ends with exit status 2 listing the skipped files.
 """
 
@@ -38,6 +39,7 @@ from brpg_lightning.config import check_mandatory, config_dir, register_resolver
 from brpg_lightning.data.datasets.common import IMAGE_SUFFIXES, files_in
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.inference import EvalProtocol, sliding_window_logits
+from brpg_lightning.run_dir import check_writable_folder
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -168,8 +170,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     images = list_images(input_root, exclude=output)  # an output folder inside the input is not read
     plans = {p: output_paths(p, input_root, output) for p in images}
     check_collisions(plans, input_root, output)
-    if output.exists() and not output.is_dir():
-        raise BRPGInputError(f"output={output}: exists and is not a folder")
+    check_writable_folder(output, "output")  # a folder that cannot hold the masks fails now, not after the work
     if not cfg.overwrite:
         clash = [str(q.relative_to(output)) for paths in plans.values() for q in paths.values() if q.exists()]
         if clash:

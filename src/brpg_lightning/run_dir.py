@@ -79,3 +79,34 @@ def check_run_dir_overrides(argv: list[str]) -> None:
         return
     ckpt = values.get("ckpt_path")
     check_run_dir(run_dir, None if ckpt in (None, "", "null") else ckpt, values.get("overwrite", "").lower() in TRUE)
+
+
+def check_writable_folder(folder: str | Path, key: str = "output", given: str | Path | None = None) -> None:
+    """Refuse, before any work, a folder that cannot hold new files: it exists as a file, a parent is a file, it
+    lies in ``/proc``, on a read-only mount or without write permission. Tried for real (permission bits alone
+    do not tell: root ignores them, a read-only mount does not): the missing folders are created, a temporary
+    file is written and removed, then the folders this check created are removed again, so a later refusal
+    leaves nothing behind. The one-line error names ``key`` with its value (``given``: a file to be written in
+    ``folder``; default the folder itself), the folder and the operating system's reason."""
+    import tempfile
+
+    folder = Path(folder)
+    named = f"{key}={given if given is not None else folder}"
+    where, wanted = ("there", "folder") if given is None else (f"into {folder}", "path")
+    if folder.exists() and not folder.is_dir():
+        raise BRPGInputError(f"{named}: {folder} exists and is not a folder; pass {key}=<a writable {wanted}>")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".brpg-write-check-"):
+            pass
+    except OSError as exc:
+        raise BRPGInputError(
+            f"{named}: cannot write {where} ({exc.strerror or exc}); pass {key}=<a writable {wanted}>"
+        ) from None
+    finally:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break

@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from brpg_lightning.checkpoint import load_checkpoint
+from brpg_lightning.checkpoint import check_resumable, load_checkpoint
 from brpg_lightning.config import check_mandatory
 from brpg_lightning.errors import BRPGInputError, BRPGRunError, input_error_in
 from brpg_lightning.methods.optimizers import check_optim
@@ -122,7 +122,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:  # a missing, truncated or foreign file: one line naming a good one beside it
-        load_checkpoint(ckpt_path, mmap=True)
+        # another method, class count or model: one line now, not load_state_dict's error inside fit
+        check_resumable(load_checkpoint(ckpt_path, mmap=True), module, OmegaConf.to_container(cfg, resolve=True),
+                        ckpt_path)
+    watch_ranks(trainer, output_dir(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = fit_summary(trainer, module)
@@ -136,6 +139,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+def watch_ranks(trainer: pl.Trainer, out: Path) -> None:
+    """In a multi-process fit, every rank's failure goes through ``<run dir>/.rank-error`` (``cli.RANK_ERROR_FILE``):
+    one line, once, whichever rank meets the bad file. Rank 0 removes a record left by an earlier run in the
+    directory before its other ranks start."""
+    from brpg_lightning import cli
+    from brpg_lightning.run_dir import is_first_launch
+
+    cli.RANK_ERROR_FILE = None
+    if trainer.world_size <= 1:
+        return
+    cli.RANK_ERROR_FILE = out / ".rank-error"
+    if trainer.global_rank == 0 and is_first_launch():
+        out.mkdir(parents=True, exist_ok=True)
+        cli.RANK_ERROR_FILE.unlink(missing_ok=True)
 
 
 def stop_reason(trainer: pl.Trainer) -> str | None:

@@ -92,6 +92,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "method.cutmix_p": number(0, 1),
     "method.drop_percent_start": number(0, 100),
     "sup_only_epochs": Rule(lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "dataset.max_image_pixels": Rule(lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
 }
 """Keys of every training run."""
 

@@ -118,3 +118,19 @@ class RankStateDump(pl.Callback):
         self._dump(trainer, "student", weights)
         self._dump(trainer, "pushes", {"pushes": self.pushes})
         self._dump(trainer, "ema", {"ema": self.ema})
+
+
+class BadFileOnRank(pl.Callback):
+    """A bad data file met by one rank (``rank``; None: every rank) at its training batch ``batch``, as a loader
+    raises it (:class:`~brpg_lightning.data.datasets.common.DataItemError`): the other ranks are then waiting
+    in a collective. Deterministic where a real bad file lands on whichever rank the sampler gives it to."""
+
+    def __init__(self, rank: int | None = 1, batch: int = 1) -> None:
+        self.rank, self.batch = rank, int(batch)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        from brpg_lightning.data.datasets.common import DataItemError
+
+        if batch_idx == self.batch and (self.rank is None or trainer.global_rank == self.rank):
+            raise DataItemError("mask 'labeled/masks/x.png' has values [7]; expected class ids 0..6 or 255")

@@ -130,6 +130,26 @@ def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> No
     _assert_equal({k: w0[k] for k in params}, {k: w1[k] for k in params}, "weights")
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize(("rank", "batch"), [(1, 1), (None, 0)], ids=["rank 1 only", "every rank"])
+def test_ddp_bad_file_is_one_line_once(tmp_path: Path, rank: int | None, batch: int) -> None:
+    """A bad file met during training by rank 1 alone (rank 0 then waits in the gradient all-reduce for a rank
+    that is gone), or by every rank at once (a bad mask value each process reads): one ``error:`` line, once,
+    exit status 2, no traceback (gloo's "connection closed" on the waiting rank included)."""
+    args = [*TINY, "trainer=ddp_cpu", f"dataset.root={tmp_path / 'data'}",
+            "+callbacks.bad._target_=tests.app.ddp_check.BadFileOnRank",
+            f"+callbacks.bad.rank={'null' if rank is None else rank}", f"+callbacks.bad.batch={batch}"]
+    proc = subprocess.run([sys.executable, "-m", "brpg_lightning", *args], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: mask 'labeled/masks/x.png' has values [7]; expected class ids 0..6 or 255"], proc.stderr
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    (run,) = (tmp_path / "outputs" / "train").iterdir()
+    assert (run / ".rank-error").read_text().splitlines() == ["2", lines[0]]
+
+
 def _val_worker(rank: int, world: int, port: int, cfg, results: dict) -> None:  # noqa: ANN001
     """One rank: the datamodule's validation loader under a gloo group, a fixed prediction per image (the mask
     rolled by one pixel, so the IoU depends on which images are counted) into torchmetrics' IoU, synced."""

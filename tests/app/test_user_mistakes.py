@@ -76,6 +76,20 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (CRC recomputed): PIL reads the size from the header
+    alone, so a huge image costs a few bytes here."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    start = 8 + 4  # signature, IHDR length
+    assert data[start : start + 4] == b"IHDR"
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
+    return bytes(data)
+
+
 def binary(foreground: int, background: int | None = 0) -> list[np.ndarray]:
     """Four masks: a square of ``foreground`` on ``background`` (None: all ``foreground``)."""
     masks = []
@@ -170,6 +184,31 @@ def _train_with_file(key: str, write: Callable[[Path], None], *extra: str):
     return call
 
 
+def _checkpoint_of(*overrides: str):
+    """``write(path)``: a checkpoint as a run of ``FOLDER_RUN`` plus ``overrides`` leaves it (its module's weights,
+    untrained, and its run config), without training."""
+
+    def write(path: Path) -> None:
+        import torch
+        from omegaconf import OmegaConf
+
+        from brpg_lightning.train import build_module
+
+        cfg = compose_cfg(*FOLDER_RUN, "dataset.num_classes=2", f"dataset.root={path.parent}", *overrides,
+                          output_dir=path.parent / "r")
+        module = build_module(cfg, class_names=[f"c{i}" for i in range(int(cfg.dataset.num_classes))])
+        torch.save({"state_dict": module.state_dict(), "epoch": 1, "global_step": 4,
+                    "hyper_parameters": {"run_config": OmegaConf.to_container(cfg, resolve=True)}}, path)
+
+    return write
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    _checkpoint_of()(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _pickled_object(path: Path) -> None:
     import argparse
 
@@ -203,6 +242,39 @@ def _evaluate_into_unwritable_folder(tmp: Path):
     cfg = compose_cfg(f"ckpt_path={ckpt}", "output=/proc/self/brpg-reports", "trainer.accelerator=cpu",
                       config_name="evaluate")
     return run, cfg, [ckpt.parent]
+
+
+def _predict_into(output: str):
+    """predict of a good input folder into ``output`` (``{tmp}`` is the test's folder); the checkpoint is never read."""
+
+    def call(tmp: Path):
+        from brpg_lightning.predict import run
+
+        inp = tmp / "photos"
+        inp.mkdir()
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(inp / "a.png")
+        (tmp / "afile").write_text("a file, not a folder\n")
+        ckpt = tmp / "model.ckpt"
+        ckpt.write_bytes(b"never read: the output is checked first")
+        cfg = compose_cfg(f"ckpt_path={ckpt}", f"input={inp}", f"output={output.format(tmp=tmp)}", "progress=false",
+                          config_name="predict")
+        return run, cfg, [inp, tmp / "afile", ckpt]
+
+    return call
+
+
+def _export_into(output: str):
+    def call(tmp: Path):
+        from brpg_lightning.export import run
+
+        (tmp / "afile").write_text("a file, not a folder\n")
+        ckpt = tmp / "model.ckpt"
+        ckpt.write_bytes(b"never read: the output is checked first")
+        cfg = compose_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={output.format(tmp=tmp)}",
+                          config_name="export")
+        return run, cfg, [tmp / "afile", ckpt]
+
+    return call
 
 
 def _evaluate_over_a_report(tmp: Path):
@@ -321,6 +393,7 @@ VALUE_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "method.ema_decay=1.5": (("method.ema_decay=1.5",), ("method.ema_decay=1.5", "a number in [0, 1]")),
     "seed=abc": (("seed=abc",), ("seed='abc'", "an integer >= 0")),
     "dataset.num_classes=abc": (("dataset.num_classes=abc",), ("dataset.num_classes='abc'", "an integer >= 2")),
+    "dataset.max_image_pixels=0": (("dataset.max_image_pixels=0",), ("dataset.max_image_pixels=0", "an integer >= 1")),
     "trainer.precision=fp8": (("trainer.precision=fp8",), ("trainer.precision='fp8'", "16-mixed", "bf16-mixed")),
 }
 """Values out of range, each refused at start-up by ``brpg_lightning.validate``: overrides -> names."""
@@ -343,6 +416,13 @@ CASES: dict[str, Case] = {
     "a val mask of another size": Case(
         _train_bad_file("val/masks/v1.png", png_bytes(np.zeros((8, 8), np.uint8))),
         ("val/masks/v1.png", "8x8", "16x16", "expected the same size")),
+    "a 14000 x 14000 unlabeled image (PIL's decompression-bomb limit)": Case(
+        _train_bad_file("unlabeled/images/u3.png", png_claiming(14000, 14000)),
+        ("unlabeled/images/u3.png", "14000x14000 = 196000000 pixels", "dataset.max_image_pixels=89478485",
+         "raise dataset.max_image_pixels")),
+    "16 x 16 images above a lowered dataset.max_image_pixels": Case(
+        _train_data(binary(1), 2, 4, "dataset.max_image_pixels=200"),
+        ("images/", "16x16 = 256 pixels", "above dataset.max_image_pixels=200")),
     "classes file with a line too many": Case(
         _train_with_file("dataset.classes_file", lambda p: p.write_text("background\ncat\ndog\n")),
         ("dataset.classes_file", "given/file", "3 class lines", "num_classes=2")),
@@ -352,13 +432,36 @@ CASES: dict[str, Case] = {
     "pickled objects as model.weights_path": Case(
         _train_with_file("model.weights_path", _pickled_object),
         ("model.weights_path=", "Python objects besides tensors", "torch.save(model.state_dict(), path)")),
+    "train: ckpt_path a text file": Case(
+        _train_with_file("ckpt_path", lambda p: p.write_text("not a checkpoint\n")),
+        ("ckpt_path=", "given/file", "not a readable PyTorch checkpoint")),
+    "train: ckpt_path truncated": Case(
+        _train_with_file("ckpt_path", _truncated_checkpoint), ("ckpt_path=", "given/file", "truncated or corrupt")),
+    "train: ckpt_path of another class count": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("dataset.num_classes=5")),
+        ("dataset.num_classes=2", "checkpoint's model has 5 classes", "given/file", "resume it on its own dataset")),
+    "train: ckpt_path of another model": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("model.decoder_channels=32")),
+        ("ckpt_path=", "given/file", "weights do not fit the model this run builds", "of another shape")),
+    "train: ckpt_path of another method": Case(
+        _train_with_file("ckpt_path", _checkpoint_of("method=fixmatch")),
+        ("ckpt_path=", "given/file", "a checkpoint of method=fixmatch", "method=mean_teacher")),
     "no unlabeled images, mean teacher + BRPG": Case(
         _train_data(binary(1), 2, 0), ("no unlabeled images for a semi-supervised method (method=mean_teacher)",
                                        "unlabeled/images")),
     "no unlabeled images, FixMatch": Case(_train_data(binary(1), 2, 0, "method=fixmatch"), ("(method=fixmatch)",)),
     "predict: stems collide": Case(_predict_colliding_stems, ("'a.jpg', 'a.png' -> 'a.png'", "photos")),
     "evaluate: report folder not writable": Case(_evaluate_into_unwritable_folder,
-                                                 ("/proc/self/brpg-reports", "output=<folder>")),
+                                                 ("output=/proc/self/brpg-reports", "cannot write there",
+                                                  "output=<a writable folder>", "report=false")),
+    "predict: output in /proc": Case(_predict_into("/proc/self/brpg-masks"),
+                                     ("output=/proc/self/brpg-masks", "cannot write there", "a writable folder")),
+    "predict: output under a file": Case(_predict_into("{tmp}/afile/masks"),
+                                         ("afile/masks", "Not a directory", "a writable folder")),
+    "export: output in /proc": Case(_export_into("/proc/self/model.pt"),
+                                    ("output=/proc/self/model.pt", "cannot write into /proc/self", "a writable path")),
+    "export: output under a file": Case(_export_into("{tmp}/afile/model.pt"),
+                                        ("output=", "afile/model.pt", "exists and is not a folder", "a writable path")),
     "evaluate: an earlier report": Case(_evaluate_over_a_report, ("last.eval.json", "already exists",
                                                                   "overwrite=true")),
     "evaluate: 7-class checkpoint, dataset of unstated classes": Case(
@@ -463,3 +566,60 @@ def test_cli_unset_mandatory_key_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert "ckpt_path is not set" in line and "Traceback" not in proc.stderr
+
+
+def test_writable_folder_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The check writes for real, then removes the folders and the file it made: a later refusal leaves no trace."""
+    from brpg_lightning.run_dir import check_writable_folder
+
+    check_writable_folder(tmp_path / "a" / "b")
+    (tmp_path / "kept").mkdir()
+    check_writable_folder(tmp_path / "kept")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_image_size_limits_of_both_decoders(tmp_path: Path, monkeypatch) -> None:
+    """PIL's limit is ``dataset.max_image_pixels`` (raising it lets the file through); OpenCV's is its own,
+    ``OPENCV_IO_MAX_IMAGE_PIXELS``, fixed per process: a real OpenCV run under a lowered limit names it."""
+    from brpg_lightning.data.datasets import common
+
+    monkeypatch.setattr(common.Image, "MAX_IMAGE_PIXELS", common.Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setenv(common.MAX_PIXELS_VARIABLE, "restored by monkeypatch")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_claiming(14000, 14000))
+    common.set_max_image_pixels(14000 * 14000)
+    assert common.header_size(huge, "image") == (14000, 14000)
+    assert common.Image.MAX_IMAGE_PIXELS == 196_000_000
+    common.set_max_image_pixels(None)
+    assert common.header_size(huge, "mask") == (14000, 14000)
+    small = tmp_path / "small.png"
+    small.write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))
+    code = ("import sys; from brpg_lightning.data.datasets.common import read_image\n"
+            "try:\n    read_image(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    env = {**ENV, "OPENCV_IO_MAX_IMAGE_PIXELS": "100"}
+    proc = subprocess.run([sys.executable, "-c", code, str(small)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("DataItemError"), proc.stdout + proc.stderr
+    assert "16x16 = 256 pixels, above OpenCV's limit of 100" in proc.stdout and "OPENCV_IO_MAX_IMAGE_PIXELS" in proc.stdout
+    monkeypatch.setattr(common, "OPENCV_MAX_PIXELS", 100)  # the header check names the same limit before any decoding
+    with pytest.raises(common.DataItemError, match="above OpenCV's limit of 100"):
+        common.header_size(small, "image")
+    assert common.header_size(small, "mask") == (16, 16)  # masks are PIL's: OpenCV's limit does not apply
+
+
+def test_multirun_runs_every_job_and_lists_the_failed_ones(tmp_path: Path) -> None:
+    """A 2-job multirun whose first job has a bad value: the second still trains (its ``metrics.json``), the
+    first is listed at the end with its one line, and the exit status is 2 (every failure was bad input)."""
+    from tests.conftest import TINY
+
+    sweep = tmp_path / "sweep"
+    args = [*TINY, "brpg=none", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", f"dataset.root={tmp_path / 'data'}", "seed=abc,0",
+            f"hydra.sweep.dir={sweep}"]
+    proc = _cli("brpg_lightning", "-m", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "0" / "metrics.json").exists()
+    assert "Traceback" not in proc.stderr
+    tail = proc.stderr[proc.stderr.index("multirun: 1 of 2 jobs failed"):].splitlines()
+    assert len(tail) == 2 and tail[1].startswith(f"  job 0 (seed=abc; {sweep / '0'}): error: seed='abc'"), tail
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: seed='abc': expected an integer >= 0"]

@@ -196,3 +196,35 @@ def test_stage_messages_read_every_network_through_the_accessor(caplog: pytest.L
     counts = [int(cb.memory.proto_mask.sum()) for cb in cbs]
     assert f"{sum(counts)} prototypes (net1 {counts[0]}, net2 {counts[1]})" in caplog.text
     assert messages.announced == "prototype"
+
+
+def test_progress_bar_shows_the_keys_cps_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPS each network's BRPG logs ``brpg/<network>/eta_t`` and its losses ``train/<network>/L_s``: the bar
+    reads the first network's, from the keys the callbacks really logged (no ``brpg/eta_t`` exists then)."""
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from brpg_lightning.callbacks.progress import BRPGProgressBar
+
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, module: {"v_num": 0})
+    module, cbs = StubModule(), [make_callback(network=n) for n in ("net1", "net2")]
+    for cb in cbs:
+        for step in range(3):
+            ctx = make_ctx(1, step, 100, seed=step)
+            ctx.network = cb.network
+            cb.on_train_step_context(None, module, ctx)
+        ctx = make_ctx(2, 10, 100, seed=9)
+        ctx.network = cb.network
+        cb.on_train_step_context(None, module, ctx)
+    assert "brpg/eta_t" not in module.logged and module.logged["brpg/net1/eta_t"] == pytest.approx(0.8)
+    metrics = {k: torch.tensor(v) for k, v in module.logged.items()}
+    metrics.update({"train/net1/L_s": torch.tensor(0.25), "train/net2/L_s": torch.tensor(0.5)})
+    trainer = SimpleNamespace(callbacks=cbs, current_epoch=2, callback_metrics=metrics)
+    cps = SimpleNamespace(networks=("net1", "net2"))
+    items = BRPGProgressBar().get_metrics(trainer, cps)
+    assert items["stage"] == "prototype" and items["eta_t"] == "0.8" and items["L_s"] == "0.25"
+    assert "L_pro" not in items  # the module logs it (train/net1/L_pro), not the callback: absent here
+    one = make_callback()  # one network: the plain keys
+    trainer = SimpleNamespace(callbacks=[one], current_epoch=0,
+                              callback_metrics={"brpg/eta_t": torch.tensor(0.7), "train/L_s": torch.tensor(0.1)})
+    items = BRPGProgressBar().get_metrics(trainer, SimpleNamespace(networks=("student",)))
+    assert items["eta_t"] == "0.7" and items["L_s"] == "0.1" and "v_num" not in items

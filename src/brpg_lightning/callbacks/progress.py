@@ -15,7 +15,24 @@ from pytorch_lightning.utilities import rank_zero_info
 from brpg_lightning.brpg.callback import BRPGCallback, brpg_callbacks
 
 BAR_KEYS = {"train/L_s": "L_s", "train/L_u": "L_u", "train/L_pro": "L_pro", "brpg/eta_t": "eta_t"}
-"""Logged metric -> short name on the bar (values of the latest step)."""
+"""Logged metric -> short name on the bar (values of the latest step), as a one-network method logs them;
+:func:`bar_keys` gives the keys of the run at hand."""
+
+
+def bar_keys(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+    """:data:`BAR_KEYS` as this run logs them: a method that trains several networks (CPS) logs each one's losses
+    as ``train/<network>/L_s`` and its BRPG scalars as ``brpg/<network>/eta_t`` (the callback's ``log_prefix``);
+    the bar shows the first network's."""
+    networks = tuple(getattr(pl_module, "networks", ()) or ())
+    losses = f"train/{networks[0]}/" if len(networks) > 1 else "train/"
+    cbs = brpg_callbacks(trainer)
+    brpg = next(iter(cbs.values())).log_prefix if cbs else "brpg/"
+    prefixes = {"train/": losses, "brpg/": brpg}
+    out = {}
+    for key, short in BAR_KEYS.items():
+        head, name = key.split("/", 1)
+        out[prefixes[head + "/"] + name] = short
+    return out
 
 
 def current_stage(trainer: pl.Trainer) -> str | None:
@@ -33,7 +50,7 @@ class BRPGProgressBar(TQDMProgressBar):
         items.pop("v_num", None)
         stage = current_stage(trainer)
         extra: dict[str, int | str | float] = {} if stage is None else {"stage": stage}
-        for key, short in BAR_KEYS.items():
+        for key, short in bar_keys(trainer, pl_module).items():
             value = trainer.callback_metrics.get(key)
             if value is not None and value.numel() == 1:
                 extra[short] = f"{float(value):.3g}"

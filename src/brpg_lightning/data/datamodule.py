@@ -42,7 +42,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from brpg_lightning.brpg import distributed as dist
 from brpg_lightning.constants import IGNORE_INDEX
-from brpg_lightning.data.datasets.common import PairDataset
+from brpg_lightning.data.datasets.common import PairDataset, set_max_image_pixels
 from brpg_lightning.data.datasets.folder import FolderDataset, read_classes_file
 from brpg_lightning.data.datasets.synthetic import generate_synthetic, synthetic_class_names
 from brpg_lightning.data.splits import LAYOUTS, SplitLists, load_split, make_layout, validate_split
@@ -210,6 +210,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         label_format: Cityscapes masks: ``trainIds`` or ``labelIds`` (mapped by the official table).
         classes_file: folder layout: class names (and optional palette) file, see ``folder.read_classes_file``.
         check_items: items per set decoded and checked at setup (0: none); every load is checked anyway.
+        max_image_pixels: largest image or mask (width x height) read; sets ``PIL.Image.MAX_IMAGE_PIXELS``
+            (PIL's default 89478485; None: no limit). Every file's header is checked against it at setup (and
+            images against OpenCV's own limit, ``OPENCV_IO_MAX_IMAGE_PIXELS``): ``common.too_large``.
         synthetic: keyword arguments of ``generate_synthetic`` (``prepare_data`` writes into ``root``); its
             ``split``/``num_classes`` default to this module's and must agree with them.
         class_names: one name per class (default: synthetic names, else ``class_<i>``).
@@ -258,6 +261,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         classes_file: str | None = None,
         val_stride: int | None = None,
         check_items: int = 8,
+        max_image_pixels: int | None = 89_478_485,
         oracle_mask_dir: str | None = None,
         missing_classes: str = "error",
         class_census_items: int = 2000,
@@ -287,6 +291,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.use_unlabeled = bool(use_unlabeled)
         self.check_items = int(check_items)
+        set_max_image_pixels(max_image_pixels)
 
         self.layout_name = str(layout or "folder")
         if self.layout_name not in LAYOUTS:

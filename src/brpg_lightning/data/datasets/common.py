@@ -5,11 +5,18 @@ Decoding: images with OpenCV (``cv2.imdecode``, faster than PIL for JPEG and PNG
 works on); masks with PIL, because OpenCV expands palette PNGs (PASCAL's ``SegmentationClass``) to colours
 while PIL returns their class indices. A truncated JPEG decodes "successfully" in OpenCV (libjpeg fills the
 rest with grey and warns on stderr), so a JPEG without its end-of-image marker is rejected explicitly.
+
+Image size: both decoders refuse huge images, each with its own limit: PIL (masks, headers) at
+``PIL.Image.MAX_IMAGE_PIXELS`` (set from ``dataset.max_image_pixels`` by :func:`set_max_image_pixels`), OpenCV
+(images) at the environment variable ``OPENCV_IO_MAX_IMAGE_PIXELS`` (default 2**30, read by OpenCV once per
+process: it can only be raised before the run starts). :func:`header_size` checks every file against both
+before training, naming the file, its size, the limit and how to raise it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,48 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.errors import BRPGInputError
 
 cv2.setNumThreads(0)  # decoding runs inside DataLoader workers: no nested OpenCV thread pools
+
+MAX_PIXELS_VARIABLE = "BRPG_MAX_IMAGE_PIXELS"
+"""Carries ``dataset.max_image_pixels`` to loader workers started by spawn (forked ones inherit PIL's setting)."""
+OPENCV_MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+"""OpenCV's decoding limit (its default 2**30 pixels unless the environment variable raises it)."""
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """PIL's decompression-bomb limit for this process and its loader workers (None: no limit)."""
+    Image.MAX_IMAGE_PIXELS = None if limit is None else int(limit)
+    os.environ[MAX_PIXELS_VARIABLE] = "none" if limit is None else str(int(limit))
+
+
+if os.environ.get(MAX_PIXELS_VARIABLE):  # a spawned loader worker: the run's limit
+    set_max_image_pixels(None if os.environ[MAX_PIXELS_VARIABLE] == "none" else int(os.environ[MAX_PIXELS_VARIABLE]))
+
+
+def too_large(path: str | Path, what: str, size: tuple[int, int]) -> str | None:
+    """Why ``what`` of ``size`` (width, height) is too large to decode here, naming the limit and its key; None if
+    it is not."""
+    pixels = size[0] * size[1]
+    shape = f"{what} '{path}' is {size[0]}x{size[1]} = {pixels} pixels"
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > limit:
+        return (f"{shape}, above dataset.max_image_pixels={limit} (PIL's guard against decompression bombs); "
+                f"raise dataset.max_image_pixels if the file is yours, or shrink it")
+    if what == "image" and pixels > OPENCV_MAX_PIXELS:
+        return (f"{shape}, above OpenCV's limit of {OPENCV_MAX_PIXELS} pixels; set the environment variable "
+                f"OPENCV_IO_MAX_IMAGE_PIXELS above {pixels} before starting the run, or shrink it")
+    return None
+
+
+def bomb_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a file PIL refused as a decompression bomb, read from its header with the limit
+    lifted for the call (no pixel is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            return im.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 """Image files every lister takes (any case): formats both OpenCV (:func:`read_image`) and PIL
@@ -139,7 +188,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataItemError(f"image '{path}' cannot be read ({exc.strerror}); expected a readable image file") from None
     if data.size >= 2 and data[0] == 0xFF and data[1] == 0xD8 and b"\xff\xd9" not in data[-4096:].tobytes():
         raise DataItemError(f"image '{path}' is a truncated JPEG (no end-of-image marker); re-extract or remove it")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
+    except cv2.error as exc:  # OpenCV's size limit (CV_IO_MAX_IMAGE_PIXELS) is an assertion
+        reason = too_large(path, "image", image_size(path))
+        raise DataItemError(reason or f"image '{path}' cannot be decoded by OpenCV ({exc.err})") from None
     if image is None:
         raise DataItemError(f"image '{path}' cannot be decoded; expected an image file ({' '.join(IMAGE_SUFFIXES)})")
     return image
@@ -183,6 +236,8 @@ def read_mask(
                     f"mask '{path}' has PIL mode {im.mode}; expected a single-channel PNG of class ids (mode L or P)"
                 )
             mask = np.array(im)
+    except Image.DecompressionBombError:
+        raise DataItemError(too_large(path, "mask", bomb_size(path)) or f"mask '{path}' is too large") from None
     except (OSError, SyntaxError) as exc:  # PIL: truncated / not an image
         raise DataItemError(f"mask '{path}' cannot be decoded ({exc}); expected a PNG of class ids") from None
     if lut is not None:
@@ -199,24 +254,34 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
+    except Image.DecompressionBombError:
+        return bomb_size(path)
     except (OSError, SyntaxError) as exc:
         raise DataItemError(f"file '{path}' cannot be opened as an image ({exc})") from None
 
 
 def header_size(path: str | Path, what: str) -> tuple[int, int]:
     """``(width, height)`` from the header of ``what`` (image, mask); one line naming the file when it is empty,
-    unreadable or no image format PIL knows."""
+    unreadable, no image format PIL knows, or larger than a decoder's limit (:func:`too_large`)."""
     try:
         if os.path.getsize(path) == 0:
             raise DataItemError(f"{what} '{path}' is an empty file (0 bytes); expected an image file")
-        with Image.open(path) as im:
-            return im.size
+        with warnings.catch_warnings():  # PIL warns between its limit and twice it: too_large says it below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+    except Image.DecompressionBombError:
+        size = bomb_size(path)
     except (OSError, SyntaxError) as exc:
         if "truncated" in str(exc).lower():
             raise DataItemError(f"{what} '{path}' is truncated ({exc}); re-extract or remove it") from None
         reason = "not an image file" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
         raise DataItemError(f"{what} '{path}' cannot be decoded ({reason}); expected an image file "
                             f"({' '.join(IMAGE_SUFFIXES)})") from None
+    reason = too_large(path, what, size)
+    if reason is not None:
+        raise DataItemError(reason)
+    return size
 
 
 @dataclass(frozen=True)
