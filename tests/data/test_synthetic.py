@@ -183,3 +183,17 @@ def test_default_size_generation_counts_and_time(tmp_path: Path, capsys: pytest.
     generate_synthetic(tmp_path / "default", seed=0, split="16")
     with capsys.disabled():
         print(f"[synthetic] second call (marker matches): {time.perf_counter() - start:.4f} s")
+
+
+def _generate_and_hash(root: str) -> dict[str, str]:
+    return _hashes(generate_synthetic(Path(root), seed=3, split="16", **SMALL))
+
+
+def test_runs_started_side_by_side_share_one_generation(tmp_path: Path) -> None:
+    """Two processes asking for the same uncached set at once: one generates, the other waits for the
+    marker; both then read complete, identical files (before the lock one read a half-written PNG)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        first, second = pool.map(_generate_and_hash, [str(tmp_path / "s")] * 2)
+    assert first == second == _hashes(generate_synthetic(tmp_path / "ref", seed=3, split="16", **SMALL))

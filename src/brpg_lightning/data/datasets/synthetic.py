@@ -32,6 +32,7 @@ CLI: ``python -m brpg_lightning.data.datasets.synthetic --out DIR --seed 0 --spl
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import shutil
@@ -351,6 +352,18 @@ def generate_synthetic(
     if int(image_size) < 8 or int(val_size) < 1:
         raise BRPGInputError(f"synthetic image_size={image_size} (>= 8) and val_size={val_size} (>= 1) expected")
     params = _params(seed, split, num_classes, image_size, train_pool, val_size)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Runs started side by side (two seeds on one machine, DDP ranks, a multirun) share the cache: the first
+    # generates while the others wait, then find the marker; without the lock one read half-written PNGs.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _generate_locked(root, params, seed, split, num_classes, image_size, train_pool, val_size,
+                                n_labeled, force, oracle_masks)
+
+
+def _generate_locked(root: Path, params: dict, seed: int, split: str, num_classes: int, image_size: int,
+                     train_pool: int, val_size: int, n_labeled: int, force: bool, oracle_masks: bool) -> Path:
+    """:func:`generate_synthetic` under its cache lock."""
     if not force and _read_marker_params(root) == params:
         if oracle_masks:
             _write_oracle_masks(root, seed, image_size, num_classes, n_labeled, train_pool)
