@@ -79,6 +79,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "dataset.num_classes": integer(2),
     "trainer.max_epochs": Rule(lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
     "trainer.num_nodes": integer(1),
+    "trainer.accumulate_grad_batches": integer(1),
     "optim.optimizer.lr": number(0, low_open=True),
     "optim.optimizer.weight_decay": number(0),
     "optim.optimizer.momentum": Rule(lambda v: v is None or number(0, 1).ok(v), "a number in [0, 1] or null"),

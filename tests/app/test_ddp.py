@@ -81,10 +81,14 @@ def _check_ema(e0: list[dict], e1: list[dict], final: torch.Tensor) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["mean_teacher", "unimatch", "unimatch_v2"])
+def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path, method: str) -> None:
+    """Mean teacher, and the UniMatch methods through the same seam: BRPG's banks hold both ranks' pushes, its
+    prototypes follow the summed statistics; UniMatch V2's EMA teacher took one update per optimiser step on
+    both ranks; UniMatch V1's feature-perturbation loss was trained and its epoch value aggregated over ranks."""
     env = _env()
     args = [
-        *TINY, "trainer=ddp_cpu", f"dataset.root={tmp_path / 'data'}",
+        *TINY, "trainer=ddp_cpu", f"dataset.root={tmp_path / 'data'}", f"method={method}",
         "+callbacks.rank_state._target_=tests.app.ddp_check.RankStateDump",
         "+callbacks.rank_state.dirpath=${paths.output_dir}/ranks",
     ]
@@ -121,13 +125,19 @@ def test_ddp_cpu_ranks_hold_identical_banks_and_prototypes(tmp_path: Path) -> No
     _check_ema(_load(ranks / "rank0_ema.pt")["ema"], _load(ranks / "rank1_ema.pt")["ema"], final["prototypes"])
     # epoch aggregates over both ranks are logged beside rank 0's per-step values
     metrics_csv = (run / "csv" / "metrics.csv").read_text()
-    for key in ("train/loss_epoch", "train/L_u_epoch", "brpg/L_pro_l_epoch", "brpg/sampled_high_epoch"):
+    keys = ["train/loss_epoch", "train/L_u_epoch", "brpg/L_pro_l_epoch", "brpg/sampled_high_epoch",
+            "train/unsup_kept_epoch"]
+    for key in keys + (["train/L_fp_epoch"] if method == "unimatch" else []):
         assert key in metrics_csv, key
     # parameters (student and EMA teacher); BN running statistics are rank-local on CPU (no SyncBatchNorm)
     w0, w1 = _load(ranks / "rank0_student.pt"), _load(ranks / "rank1_student.pt")
     params = [k for k in w0 if "running_" not in k and "num_batches_tracked" not in k]
-    assert any(k.startswith("teacher.") for k in params)
+    assert any(k.startswith("teacher.") for k in params) == (method != "unimatch")
     _assert_equal({k: w0[k] for k in params}, {k: w1[k] for k in params}, "weights")
+    if method == "unimatch_v2":  # its teacher follows from the first step: 3 epochs x 3 optimiser steps
+        assert int(w0["teacher.steps"]) == int(w1["teacher.steps"]) == 9
+    elif method == "mean_teacher":  # copied after the warm-up epoch, then one update per step: 2 epochs x 3
+        assert int(w0["teacher.steps"]) == 6
 
 
 @pytest.mark.slow

@@ -136,3 +136,32 @@ def test_official_never_picks_an_empty_bank() -> None:
     assert apo_extra_official(scores, 0.05, "cosine").tolist() == [0, 1, 0, 0]
     assert apo_extra_official(scores, 0.05, "l2").tolist() == [0, 0, 1, 0]
     assert apo_extra_official(torch.full((3,), math.nan)).tolist() == [0, 0, 0]
+
+
+# Two classes (background / foreground), worked by hand. Paper rule: gamma = s_lo + alpha_t (s_hi - s_lo) for the
+# cosine rule, s_lo + (1 - alpha_t) (s_hi - s_lo) for l2. Official count: max(1, round(alpha_t * 2)), which
+# rounds to 0 for alpha_t < 0.25 (0.25 itself: round(0.5) = 0, halves to even) and is 2 = C for alpha_t >= 0.75.
+@pytest.mark.parametrize(
+    ("scores", "alpha_t", "indicator", "paper", "official"),
+    [
+        # gamma = 0.6 + 0.05 * 0.3 = 0.615: only 0.6 below it; official n = max(1, round(0.1)) = 1: the lower one
+        ([0.9, 0.6], 0.05, "cosine", [0, 1], [0, 1]),
+        # gamma = 0.6 + 0.95 * 0.3 = 0.885: only 0.9 above it; official: the higher one
+        ([0.9, 0.6], 0.05, "l2", [1, 0], [1, 0]),
+        # alpha_t = 1: gamma = max, strict "<" keeps the lower one only; official n = round(2) = 2 = C: both
+        ([0.9, 0.6], 1.0, "cosine", [0, 1], [1, 1]),
+        # alpha_t = 0.25: official round(0.5) = 0 -> 1; paper gamma = 0.675: 0.6 below
+        ([0.9, 0.6], 0.25, "cosine", [0, 1], [0, 1]),
+        # alpha_t = 0: gamma = min, nothing strictly below; official still picks max(1, 0) = 1 class
+        ([0.9, 0.6], 0.0, "cosine", [0, 0], [0, 1]),
+        # a tie: nothing is more scattered than the other (paper); official ties at the threshold: both
+        ([0.7, 0.7], 0.05, "cosine", [0, 0], [1, 1]),
+        # an empty bank (NaN): gamma = the one finite score, none strictly below; official n = min(1, 1 finite)
+        ([math.nan, 0.5], 1.0, "cosine", [0, 0], [0, 1]),
+    ],
+)
+def test_two_classes_by_hand(scores: list[float], alpha_t: float, indicator: str, paper: list[int],
+                             official: list[int]) -> None:
+    s = torch.tensor(scores)
+    assert apo_extra(s, alpha_t, indicator).tolist() == paper
+    assert apo_extra_official(s, alpha_t, indicator).tolist() == official

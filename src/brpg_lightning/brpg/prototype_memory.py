@@ -24,6 +24,29 @@ initialisation are in ``state_dict``.
 DDP (through :mod:`brpg_lightning.brpg.distributed`, no-ops without a process group): bank inserts are
 gathered from all ranks, clustering is seeded identically and its result broadcast from rank 0, prototype
 statistics and class-threshold sums are all-reduced, so banks and prototypes are identical on every rank.
+
+Gradient accumulation (``trainer.accumulate_grad_batches = k``; ``TrainStepContext.optimizer_step`` is False on
+the micro-batches before the last of each optimiser step). Chosen so that one optimiser step over ``k``
+micro-batches of ``B`` does what one step over a batch of ``k B`` does, as far as the micro-batches allow:
+
+- bank pushes: every micro-batch pushes its own features at once, with its own per-step caps, so the step
+  pushes the features of all ``k B`` images (the caps add up to the big batch's; the student is the same for
+  every micro-batch of a step). Not identical: the FIFO order of one step's features (only matters once a bank
+  wraps) and, where a cap binds, how the capped subset is drawn (per micro-batch instead of over the union).
+- class thresholds (Table 8): the per-class confidence sums and counts of the ``k`` micro-batches are added and
+  the EMA takes one step with them at the last micro-batch, which splits with the new thresholds, as the big
+  batch does; the earlier micro-batches split with the thresholds of the previous optimiser step.
+- prototypes (Eq. 22): ``L_pro`` of every micro-batch reads the prototypes of the previous optimiser step (the
+  big batch's loss does too), the assignment sums and counts of the ``k`` micro-batches are added and the EMA
+  takes one step at the last: the same update as the big batch's (same features assumed).
+- Eq. (19)'s ``eta_t`` counts ``global_step``, which Lightning counts in optimiser steps.
+- Late classes are initialised from one micro-batch's labeled points (it needs ``n0_h + n0_lw`` points of the
+  class in that micro-batch).
+
+The statistics pending within an optimiser step are not in ``state_dict``: a checkpoint written between
+micro-batches (Lightning resumes at the next batch, its own accumulated gradients are lost too) drops them.
+What is never equivalent: BatchNorm statistics (each micro-batch normalises over its own ``B`` images) and any
+per-batch random draw (CutMix coin and boxes, point sampling).
 """
 
 from __future__ import annotations
@@ -254,6 +277,8 @@ class PrototypeMemory:
         self.last_stats: dict[str, Any] = {}  # the last clustering: dispersion, apo_extra, fill, inertia, seconds
         self.last_eta_t: float | None = None
         self.last_fill: Tensor | None = None  # (banks, C) bank fill at clustering
+        # sums and counts of the micro-batches of the current optimiser step (gradient accumulation), by use
+        self._pending: dict[str, tuple[Tensor, Tensor]] = {}
         if num_classes is not None:
             self.setup(num_classes)
 
@@ -332,7 +357,10 @@ class PrototypeMemory:
                                                  align_corners=ctx.labeled.align_corners)
             dist.all_reduce_sum_(sums)
             dist.all_reduce_sum_(counts)
-            self.thresholds = update_class_thresholds(self.thresholds.to(device), sums, counts, self.threshold_decay)
+            self.thresholds = self.thresholds.to(device)
+            stats = self._step_stats("thresholds", sums, counts, ctx.optimizer_step)
+            if stats is not None:  # once per optimiser step, with the statistics of all its micro-batches
+                self.thresholds = update_class_thresholds(self.thresholds, *stats, self.threshold_decay)
             eta_l = self.current_class_thresholds()
         high_l, low_l, _, conf_l = bank_masks(probs_l, labels_l, eta_l)
         feats_l, lab_l, conf_l = _pixels(fmap_l), labels_l.flatten(), conf_l.flatten()
@@ -356,6 +384,20 @@ class PrototypeMemory:
             m = low_l.flatten()
             self._push(self.bank_low, self.conf_low, *self._cap(feats_l[m], lab_l[m], conf_l[m], b_l * self.sample_num))
         return {"sampled_high": (float(high[0].shape[0]), 1)}
+
+    def _step_stats(self, key: str, sums: Tensor, counts: Tensor, optimizer_step: bool
+                    ) -> tuple[Tensor, Tensor] | None:
+        """Additive statistics of one optimiser step: this micro-batch's ``sums`` and ``counts`` plus those kept
+        under ``key`` since the last optimiser step. Returns the totals when ``optimizer_step`` (and forgets
+        them), else keeps them and returns None. Kept statistics of another shape (prototypes re-created by a
+        late initialisation) are dropped."""
+        pending = self._pending.pop(key, None)
+        if pending is not None and pending[0].shape == sums.shape and pending[1].shape == counts.shape:
+            sums, counts = sums + pending[0].to(sums), counts + pending[1].to(counts)
+        if optimizer_step:
+            return sums, counts
+        self._pending[key] = (sums, counts)
+        return None
 
     def _cap(self, feats: Tensor, labels: Tensor, conf: Tensor, cap: int) -> tuple[Tensor, Tensor, Tensor]:
         idx = random_subset(feats.shape[0], cap, device=feats.device)
@@ -563,7 +605,9 @@ class PrototypeMemory:
                 sums, counts = (s, n) if sums is None else (sums + s, counts + n)
             dist.all_reduce_sum_(sums)
             dist.all_reduce_sum_(counts)
-            self.prototypes = ema_update(protos, sums, counts, self.prototype_ema)  # a new tensor: loss keeps protos
+            stats = self._step_stats("prototypes", sums, counts, ctx.optimizer_step)
+            if stats is not None:  # once per optimiser step (gradient accumulation: all micro-batches' statistics)
+                self.prototypes = ema_update(protos, *stats, self.prototype_ema)  # a new tensor: loss keeps protos
         return PrototypeStep(self.lambda_pro * loss, scalars, late)
 
     # ------------------------------------------------------------------ state

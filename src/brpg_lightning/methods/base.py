@@ -27,14 +27,18 @@ LR_SCALINGS = ("none", "linear")
 NONFINITE_LOSS = ("stop", "skip")
 
 
-def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, reference_batch: int) -> float:
+def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, reference_batch: int,
+              accumulate: int = 1) -> float:
     """The base learning rate under ``optim.lr_scaling``: ``none`` keeps it; ``linear`` multiplies it by
-    ``total batch / reference_batch`` with total batch = per-device labeled batch x processes (devices x nodes).
+    ``total batch / reference_batch`` with total batch = per-device labeled batch x processes (devices x nodes)
+    x ``accumulate`` (``trainer.accumulate_grad_batches``: one optimiser step sees that many batches).
 
     >>> scaled_lr(0.001, "linear", per_device_batch=8, world_size=1, reference_batch=16)
     0.0005
     >>> scaled_lr(0.001, "none", 8, 1, 16)
     0.001
+    >>> scaled_lr(0.001, "linear", per_device_batch=2, world_size=1, reference_batch=16, accumulate=4)
+    0.0005
     """
     if rule not in LR_SCALINGS:
         raise BRPGInputError(f"optim.lr_scaling={rule!r}; expected one of {', '.join(LR_SCALINGS)}")
@@ -42,7 +46,7 @@ def scaled_lr(lr: float, rule: str, per_device_batch: int, world_size: int, refe
         return lr
     if int(reference_batch) < 1:
         raise BRPGInputError(f"optim.reference_batch={reference_batch}; expected an integer >= 1")
-    return lr * per_device_batch * world_size / int(reference_batch)
+    return lr * per_device_batch * world_size * int(accumulate) / int(reference_batch)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -237,7 +241,25 @@ class SegmentationModule(pl.LightningModule):
             labeled=out_l,
             labels=labels,
             network=network,
+            optimizer_step=self.optimizer_steps_now(),
         )
+
+    def optimizer_steps_now(self) -> bool:
+        """Whether Lightning's optimiser steps after the current training batch: False on the micro-batches of a
+        gradient accumulation (``trainer.accumulate_grad_batches = k``) before its last, True otherwise (and
+        outside a fit). Lightning's own decision (its epoch loop's ``_should_accumulate``: every ``k``-th batch
+        of an epoch, and the epoch's last batch), the same from ``training_step`` to ``on_train_batch_end``.
+
+        What advances once per optimiser step reads it: the EMA teacher (``on_train_batch_end`` of the methods
+        with one), BRPG's prototype EMA and class thresholds (``TrainStepContext.optimizer_step``). Lightning
+        itself steps the poly schedule per optimiser step, counts ``global_step`` in optimiser steps, sizes
+        ``total_steps`` (``estimated_stepping_batches``) accordingly, and divides the returned loss by ``k``.
+        """
+        trainer = self._trainer
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None or not getattr(trainer, "training", False):
+            return True
+        return not loop._should_accumulate()
 
     @staticmethod
     def hard_pseudo_labels(out: SegmentorOutput, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,10 +302,13 @@ class SegmentationModule(pl.LightningModule):
             trainer = self._trainer
             batch = int(getattr(getattr(trainer, "datamodule", None), "batch_size_labeled", 0) or 0)
             world = int(getattr(trainer, "world_size", 1) or 1)
-            lr = scaled_lr(base_lr, str(cfg["lr_scaling"]), batch, world, int(cfg["reference_batch"]))
+            accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            lr = scaled_lr(base_lr, str(cfg["lr_scaling"]), batch, world, int(cfg["reference_batch"]), accum)
             if trainer is None or trainer.is_global_zero:
+                times = f" x {accum} accumulated" if accum > 1 else ""
                 print(f"optim.lr_scaling={cfg['lr_scaling']}: backbone lr {base_lr} -> {lr:.6g} "
-                      f"(total labeled batch {batch} x {world} / reference {cfg['reference_batch']})", flush=True)
+                      f"(total labeled batch {batch} x {world}{times} / reference {cfg['reference_batch']})",
+                      flush=True)
         params = []
         for i, net in enumerate(self.trained_networks()):
             groups, prefix = net.param_groups(), "" if i == 0 else f"{self.networks[i]}/"

@@ -46,6 +46,10 @@ class TrainStepContext:
         network: which of the method's networks the tensors belong to (``SegmentationModule.networks``):
             ``"student"`` for one-network methods; CPS publishes one context per network (``"net1"``,
             ``"net2"``) and a plug-in such as BRPG keeps separate state per network.
+        optimizer_step: whether the optimiser steps after this batch. False on the micro-batches of a gradient
+            accumulation (``trainer.accumulate_grad_batches = k > 1``) before its last: state that must advance
+            once per optimiser step (BRPG's prototype EMA and class thresholds) gathers their statistics until a
+            context with True comes (``SegmentationModule.optimizer_steps_now``).
     """
 
     epoch: int
@@ -61,6 +65,7 @@ class TrainStepContext:
     cutmix_boxes: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     network: str = "student"
+    optimizer_step: bool = True
 
     @property
     def has_unlabeled(self) -> bool:

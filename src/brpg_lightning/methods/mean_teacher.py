@@ -169,7 +169,9 @@ class MeanTeacher(SegmentationModule):
         return ctx
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update of the teacher after the optimiser step (Sec. 3.3)."""
-        if bool(self.teacher_ready):
+        """EMA update of the teacher after the optimiser step (Sec. 3.3); with gradient accumulation once per
+        optimiser step, after the last micro-batch (:meth:`optimizer_steps_now`), so ``t`` counts optimiser
+        steps."""
+        if bool(self.teacher_ready) and self.optimizer_steps_now():
             decay = self.teacher.update(self.student)
             self.log("train/ema_decay", decay, batch_size=1)

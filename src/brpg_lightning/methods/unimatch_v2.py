@@ -146,5 +146,7 @@ class UniMatchV2(SegmentationModule):
         return ctx
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update of the teacher after the optimiser step (every step, warm-up included)."""
-        self.log("train/ema_decay", self.teacher.update(self.student), batch_size=1)
+        """EMA update of the teacher after the optimiser step (every step, warm-up included; with gradient
+        accumulation once per optimiser step, after the last micro-batch)."""
+        if self.optimizer_steps_now():
+            self.log("train/ema_decay", self.teacher.update(self.student), batch_size=1)
