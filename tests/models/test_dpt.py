@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
+from tests.models.test_paper_networks import offline  # noqa: F401 - the fixture: no hub, an empty cache
 
 from brpg_lightning.errors import BRPGInputError
 from brpg_lightning.models.segmentor import Segmentor
@@ -81,6 +82,15 @@ def test_dpt_loads_a_timm_dinov2_state_dict_offline(tmp_path) -> None:
     assert torch.equal(seg.encoder.model.blocks[3].attn.qkv.weight, vit.blocks[3].attn.qkv.weight)
     with pytest.raises(BRPGInputError, match=r"model.weights_path=.*missing.pth"):
         Segmentor(C, **TINY_DPT, weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_dpt_offline_download_is_one_line_naming_both_options(offline) -> None:  # noqa: F811
+    with pytest.raises(BRPGInputError) as err:
+        Segmentor(C, **{**TINY_DPT, "encoder_weights": "lvd142m"})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("model.encoder_weights=lvd142m: cannot download the tu-vit_small_patch14_dinov2 weights")
+    assert "model.weights_path=<file>" in msg and "model.encoder_weights=null" in msg
 
 
 @pytest.mark.parametrize("name", ["dpt_dinov2_small", "dpt_dinov2_base", "dpt_dinov3_small"])
