@@ -144,7 +144,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     net, meta = load_for_inference(ckpt_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in cfg.sample_size)
-    sample = torch.zeros(1, 3, h, w)
+    sample = torch.zeros(2, 3, h, w)  # batch 2: with a batch-1 example torch.export can type a broadcast (x + pos_embed) as batch 1
     if fmt == "onnx":
         export_onnx(net, output, sample, meta, int(cfg.opset), bool(cfg.dynamo))
     else:

@@ -1,9 +1,11 @@
 """Encoder-decoder segmentor with a classification head and a feature head (paper Sec. 3.3, 4.1.3).
 
-The encoder ``E`` and decoder come from ``segmentation_models_pytorch`` (DeepLabV3+ or SegFormer); smp's
+The encoder ``E`` and decoder come from ``segmentation_models_pytorch`` (DeepLabV3+, SegFormer or DPT); smp's
 own segmentation/classification heads are dropped (unused parameters would upset DDP). Two heads read
-the decoder map at its own resolution (1/4 of the input for both architectures): the classification
-head ``F`` (``logits``) and the feature head ``G`` (``features``, 256-d in the paper).
+the decoder map at its own resolution (1/4 of the input for DeepLabV3+ and SegFormer; for DPT on a patch-14
+DINOv2 the fused map of the last fusion block, before smp's segmentation head, at 1/2 of the input,
+:mod:`~brpg_lightning.models.dpt`): the classification head ``F`` (``logits``) and the feature head ``G``
+(``features``, 256-d in the paper).
 
 Hand-written here only what smp/timm lack: multi-grid dilation of the last ResNet stage (U2PL's
 ``multi_grid``, :func:`apply_multi_grid`) and a one-line error when pretrained weights cannot be fetched
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brpg_lightning.errors import BRPGInputError
+from brpg_lightning.models.dpt import patch_dpt
 from brpg_lightning.models.heads import HEAD_KINDS, build_head
 from brpg_lightning.models.output import SegmentorOutput
 from brpg_lightning.models.weights import load_encoder_weights
@@ -101,11 +104,12 @@ def required_input_multiple(model: nn.Module) -> int:
 
     That check uses ``encoder.output_stride`` (already reduced to 16 or 8 when the encoder is dilated,
     e.g. DeepLabV3+'s ``encoder_output_stride``; 32 for a 5-level encoder such as MiT), and nothing
-    for architectures with ``requires_divisible_input_shape = False``.
+    for architectures with ``requires_divisible_input_shape = False``; a ViT encoder for DPT states its own
+    (:attr:`~brpg_lightning.models.dpt.PatchEncoder.input_multiple`: an even grid of patches).
     """
     if not getattr(model, "requires_divisible_input_shape", True):
         return 1
-    return int(model.encoder.output_stride)
+    return int(getattr(model.encoder, "input_multiple", model.encoder.output_stride))
 
 
 @torch.no_grad()
@@ -137,8 +141,9 @@ class Segmentor(nn.Module):
 
     Args:
         num_classes: ``C``, output channels of the classification head.
-        arch: smp architecture (``"deeplabv3plus"``, ``"segformer"``, ...).
-        encoder_name: smp encoder (``"resnet101"``, ``"mit_b4"``, ...).
+        arch: smp architecture (``"deeplabv3plus"``, ``"segformer"``, ``"dpt"`` (timm ViT encoders
+            ``tu-vit_*``, patch 14 or 16; :mod:`~brpg_lightning.models.dpt`), ...).
+        encoder_name: smp encoder (``"resnet101"``, ``"mit_b4"``, ``"tu-vit_small_patch14_dinov2"``, ...).
         encoder_weights: smp pretrained weights (``"imagenet"``; for ``tu-`` timm encoders the default
             pretrained tag of the name, or ``tu-<model>.<tag>``) or ``None`` (random init, no download).
             Ignored when ``weights_path`` is set (the local file replaces the download).
@@ -159,11 +164,16 @@ class Segmentor(nn.Module):
             the official code's ``F.interpolate(..., size=(H, W), align_corners=True)``, False bilinear by
             the exact stride (:func:`~brpg_lightning.models.output.resize_to_input`). Checkpoints written
             before the option existed were trained with False and load with it.
+        freeze_encoder: UniMatch V2's ``lock_backbone``: the encoder's parameters get ``requires_grad=False``
+            (so :meth:`param_groups` leaves them out of the optimiser) and the encoder stays in eval mode
+            (BatchNorm statistics fixed, dropout off) whatever :meth:`train` is asked; the EMA teacher, a
+            deep copy, inherits both.
         **arch_kwargs: passed to ``smp.create_model`` (``decoder_channels``, ``encoder_output_stride``,
             ``decoder_segmentation_channels``, ...).
 
     Attributes:
-        stride: input pixels per decoder pixel (4 for DeepLabV3+ and SegFormer), measured at build.
+        stride: input pixels per decoder pixel (4 for DeepLabV3+ and SegFormer, 2 for DPT on patch 14),
+            measured at build.
         decoder_channels: channels of the decoder map, measured at build.
         align_corners: the geometry its outputs carry (the argument).
     """
@@ -182,6 +192,7 @@ class Segmentor(nn.Module):
         weights_path: str | None = None,
         multi_grid: list[int] | tuple[int, ...] | None = None,
         align_corners: bool = True,
+        freeze_encoder: bool = False,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -198,6 +209,8 @@ class Segmentor(nn.Module):
         # a local file replaces the download (the offline route): no hub access when weights_path is set
         download = None if weights_path is not None else encoder_weights
         model = create_smp_model(arch, encoder_name, download, classes=num_classes, **arch_kwargs)
+        if arch.lower() == "dpt":
+            patch_dpt(model)  # patch-14 geometry; the feature head reads the fused map (stride 2)
         self.encoder: nn.Module = model.encoder
         self.multi_grid_dilations = apply_multi_grid(self.encoder, multi_grid) if multi_grid else None
         if weights_path is not None:
@@ -223,6 +236,17 @@ class Segmentor(nn.Module):
         hidden = head_channels or self.decoder_channels
         self.classifier = build_head(head, self.decoder_channels, hidden, num_classes, head_dropout)
         self.feature_head = build_head(head, self.decoder_channels, hidden, feature_dim, head_dropout)
+        self.freeze_encoder = bool(freeze_encoder)
+        if self.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> Segmentor:
+        """``nn.Module.train``; a frozen encoder (``freeze_encoder``) stays in eval mode."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
 
     def forward(
         self, x: Tensor, perturb: Callable[[list[Tensor]], list[Tensor]] | None = None
