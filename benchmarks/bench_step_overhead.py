@@ -69,17 +69,20 @@ def make_batch(crop: int, b: int = 2) -> dict:
 
 
 def make_callback(stage: str, module: MeanTeacher, batch: dict) -> BRPGCallback:
-    cb = BRPGCallback(T_S1=0, T_S2=100 if stage == "sampling" else 3, save_snapshot=False, eta_s=0.0)
+    prototype_from = module.current_epoch  # the module's epoch (2): T_S2 at it puts the step in the prototype stage
+    cb = BRPGCallback(T_S1=0, T_S2=100 if stage == "sampling" else prototype_from, save_snapshot=False, eta_s=0.0)
     cb.setup(None, module, "fit")
     if stage == "prototype":  # fill the banks from a few real steps, then cluster once (not timed)
         cb.T_S2 = 100
         for _ in range(2):
             with torch.no_grad():
                 cb.on_train_step_context(None, module, module.method_step(batch))
-        cb.T_S2 = 3
+        cb.T_S2 = prototype_from
         cb.memory.cluster(0, module.device)
         cb.memory.eta_0 = cb.memory.eta_e = 0.0  # every unlabeled pixel is a candidate: the full M_u points per image
     cb.memory.eta_s = 0.8
+    if cb.stage(module.current_epoch) != stage:  # (it once timed the sampling stage under the prototype label)
+        raise AssertionError(f"make_callback({stage!r}) built a callback in stage {cb.stage(module.current_epoch)!r}")
     return cb
 
 
