@@ -296,6 +296,16 @@ class SegmentationModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: poly_lr_factor(step, total, power))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's optimiser step, then :meth:`after_optimizer_step`. Inside the step rather than in
+        ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (a step-interval checkpoint)
+        before the module's, so a checkpoint written at the end of a step would miss that step's teacher update."""
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """What follows every optimiser step (mean teacher, UniMatch V2: the teacher's EMA update); nothing here."""
+
     # ------------------------------------------------------------------ evaluation
     def on_validation_start(self) -> None:
         self._announce_eval_protocol()

@@ -168,7 +168,7 @@ class MeanTeacher(SegmentationModule):
         self.log_train("train/unsup_kept", keep.float().mean(), b_l)
         return ctx
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         """EMA update of the teacher after the optimiser step (Sec. 3.3)."""
         if bool(self.teacher_ready):
             decay = self.teacher.update(self.student)

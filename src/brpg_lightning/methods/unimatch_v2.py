@@ -145,6 +145,6 @@ class UniMatchV2(SegmentationModule):
         self.log_train("train/unsup_kept", views.kept(self.eta), x_l.shape[0])
         return ctx
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         """EMA update of the teacher after the optimiser step (every step, warm-up included)."""
         self.log("train/ema_decay", self.teacher.update(self.student), batch_size=1)
