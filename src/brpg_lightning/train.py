@@ -126,6 +126,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:  # a missing, truncated or foreign file: one line naming a good one beside it
         load_checkpoint(ckpt_path, mmap=True)
+        from brpg_lightning.callbacks.resume import CsvLogPosition
+
+        for callback in (c for c in callbacks if isinstance(c, CsvLogPosition)):
+            callback.capture(trainer.loggers)  # before fit, whose logger set-up deletes the CSV file
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = fit_summary(trainer, module)

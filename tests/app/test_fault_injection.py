@@ -1,8 +1,8 @@
 """Fault injection: a default-shaped tiny run (mean teacher + ``cpg_apo``; warm-up, sampling and prototype
 stages) is killed with SIGKILL at points the test chooses, resumed each time from the newest readable checkpoint
 in its run directory, and ends equal to the uninterrupted run: the same weights, teacher, optimiser, BRPG state
-(prototypes) and RNG states, bit for bit, and a CSV log in which no step appears twice (rows can be missing:
-the val/mIoU rows of epochs validated before a resume are lost, not understood yet).
+(prototypes) and RNG states, bit for bit, and a CSV log in which no step appears twice and every value equals
+the uninterrupted run's (rows logged after their own checkpoint can be missing).
 
 The kill points (``tests/app/fault_hooks.KillAt``, attached through the ``callbacks`` config), in the order one
 run meets them (3 epochs of 3 steps, a step checkpoint every 2 steps, ``step.ckpt``):
@@ -108,7 +108,9 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path: Path
         steps = [step for step, _ in mine]
         assert len(steps) == len(set(steps)), (key, steps)
         assert all(reference.get(step) == value for step, value in mine), key
-    assert len(_column(theirs, "val/mIoU")) == 3 and _column(ours, "val/mIoU")
+    # rows can be missing: those logged after their own checkpoint was written (a step checkpoint's step; an
+    # epoch-end checkpoint's validation: Lightning logs it after the checkpoint) are cut on resume, not logged again
+    assert len(_column(theirs, "val/mIoU")) == 3 and _column(ours, "val/mIoU")[-1] == _column(theirs, "val/mIoU")[-1]
 
 
 def test_start_up_removes_only_stale_temporaries_of_the_writer(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ class LoaderPosition(pl.Callback):
 
 
 class CsvLogPosition(pl.Callback):
-    """The CSV log (``csv/metrics.csv``) of a resumed run continues where its checkpoint left it: no step twice.
+    """The CSV log (``csv/metrics.csv``) of a resumed run continues where its checkpoint left it: no step twice,
+    none of the earlier rows lost (Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts).
 
     Every checkpoint flushes the CSV loggers and records how many rows their file holds; resuming in the same run
     directory cuts the rows written after that point (by the interrupted process: its steps are trained and logged
@@ -93,6 +94,19 @@ class CsvLogPosition(pl.Callback):
     """
 
     KEY = "csv_log_rows"
+
+    def __init__(self) -> None:
+        self.previous: dict[str, list[str]] = {}
+
+    def capture(self, loggers: list[Any]) -> None:
+        """Read the CSV loggers' files before ``fit``: Lightning creates the writers (deleting the files) before
+        any callback hook runs. ``train`` calls it when resuming."""
+        from pytorch_lightning.loggers import CSVLogger
+
+        for logger in loggers:
+            path = Path(logger.log_dir) / "metrics.csv"  # log_dir does not create the writer
+            if isinstance(logger, CSVLogger) and path.is_file():
+                self.previous[str(path.resolve())] = path.read_text().splitlines(keepends=True)
 
     @staticmethod
     def _csv_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -114,16 +128,15 @@ class CsvLogPosition(pl.Callback):
             return
         for logger in self._csv_loggers(trainer):
             path = Path(logger.experiment.metrics_file_path)
-            keep = saved.get(str(path.resolve()))
-            if keep is None or not path.is_file():
-                continue  # another run directory: nothing of this checkpoint's run to cut
-            lines, count = _csv_rows(path)
+            keep, lines = saved.get(str(path.resolve())), self.previous.pop(str(path.resolve()), None)
+            if keep is None or lines is None:
+                continue  # another run directory: nothing of this checkpoint's run to keep
+            count, writer = max(len(lines) - 1, 0), logger.experiment
+            path.write_text("".join(lines[: 1 + min(keep, count)]))
             if count > keep:
-                path.write_text("".join(lines[: 1 + keep]))
                 rank_zero_info(f"{path}: cut {count - keep} rows logged after the checkpoint (they are logged again)")
             # the writer knows the file's columns: its header rewrite (on a new key) would drop the others' values
             header = next(csv.reader(lines[:1]), []) if lines else []
-            writer = logger.experiment
             writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 
 
