@@ -5,7 +5,7 @@ Case 1, ``default run``: the embedded default exactly as ``python -m brpg_lightn
 with the preset's grid 16 and M_u 256),
 stepped through the real module and callback hooks: ``training_step`` (the method's forwards and losses,
 ``publish_step_context`` -> ``BRPGCallback.on_train_step_context``, ``total_loss``), backward, the
-optimiser step, ``on_train_batch_end`` (teacher EMA). ``self.log`` is a no-op here (no Trainer loop);
+optimiser step, ``after_optimizer_step`` (teacher EMA). ``self.log`` is a no-op here (no Trainer loop);
 the real run's logging is measured by ``benchmarks/epoch_times.py``. Target: prototype stage <= 1.10x of
 mean teacher, so that BRPG stays a small addition to the method it plugs into.
 
@@ -152,7 +152,7 @@ class RealStep:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        module.on_train_batch_end(loss, batch, idx)
+        module.after_optimizer_step()
 
 
 def run_default(quick: bool) -> tuple[list[str], tuple[float, float]]:
@@ -200,7 +200,7 @@ def run_default(quick: bool) -> tuple[list[str], tuple[float, float]]:
         f"default run: {cfg.model.encoder_name} deeplabv3plus decoder {cfg.model.decoder_channels}, crop {d.crop_size}, "
         f"batch {d.batch_size_labeled}+{d.batch_size_unlabeled}, {d.num_classes} classes, BRPG {cfg.brpg.name} "
         f"(grid {cfg.brpg.grid}, M_u {cfg.brpg.M_u}); whole training_step + backward + optimiser + "
-        f"on_train_batch_end; {reps} interleaved reps",
+        f"after_optimizer_step; {reps} interleaved reps",
     ]
     lines += [f"{k:>24s}: median {med[k] * 1e3:.1f} ms/step {fmt_times(v)}" for k, v in times.items()]
     base = med["mean teacher"]

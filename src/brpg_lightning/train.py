@@ -93,7 +93,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return build(
         cfg.dataset, use_unlabeled=getattr(method_cls, "uses_unlabeled", True),
         method=method_option(cfg.method._target_), strong_views=getattr(method_cls, "strong_views", 1),
-        _convert_="all",
+        seed=int(cfg.get("seed") or 0), _convert_="all",
     )
 
 
@@ -120,11 +120,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     callbacks = build_callbacks(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
+    if trainer.is_global_zero:  # a writer killed mid-write left its temporary file beside the intact checkpoint
+        for path in remove_stale_temporaries_of(trainer):
+            log.info("removed %s, the temporary file of a checkpoint write that was interrupted", path)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:  # a missing, truncated or foreign file: one line naming a good one beside it
         # another method, class count or model: one line now, not load_state_dict's error inside fit
         check_resumable(load_checkpoint(ckpt_path, mmap=True), module, OmegaConf.to_container(cfg, resolve=True),
                         ckpt_path)
+        from brpg_lightning.callbacks.resume import CsvLogPosition
+
+        for callback in (c for c in callbacks if isinstance(c, CsvLogPosition)):
+            callback.capture(trainer.loggers)  # before fit, whose logger set-up deletes the CSV file
     watch_ranks(trainer, output_dir(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -157,6 +164,16 @@ def watch_ranks(trainer: pl.Trainer, out: Path) -> None:
         cli.RANK_ERROR_FILE.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries_of(trainer: pl.Trainer) -> list[Path]:
+    """``plugins.remove_stale_temporaries`` in every folder the trainer's callbacks write checkpoints to."""
+    from brpg_lightning.plugins import remove_stale_temporaries
+
+    folders = {str(d) for c in trainer.callbacks for d in (
+        getattr(c, "dirpath", None), *(getattr(getattr(c, key, None), "parent", None) for key in ("path", "target"))
+    ) if d}
+    return [p for folder in sorted(folders) for p in remove_stale_temporaries(folder)]
+
+
 def stop_reason(trainer: pl.Trainer) -> str | None:
     """Why ``fit`` ended, when it ended as asked: ``max_steps``/``max_epochs`` reached, early stopping, the
     ``max_time`` limit. None otherwise (an exception the loop swallowed, a callback setting ``should_stop``)."""
@@ -187,8 +204,9 @@ def fit_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, An
     checkpoint_cb = trainer.checkpoint_callback  # the first ModelCheckpoint: best val/mIoU
     best = getattr(checkpoint_cb, "best_model_score", None)
     final = next((c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint) and c.path), None)
-    last = final or (getattr(trainer.checkpoint_callbacks[-1], "best_model_path", "") if trainer.checkpoint_callbacks
-                     else "")
+    # the last checkpoint callback that wrote a file (last.ckpt; a step-interval one that is off wrote nothing)
+    written = [path for c in trainer.checkpoint_callbacks if (path := getattr(c, "best_model_path", "") or "")]
+    last = final or (written[-1] if written else "")
     reported = {"best_checkpoint": getattr(checkpoint_cb, "best_model_path", "") or "", "last_checkpoint": str(last)}
     return {
         "final_mIoU": metrics.get("val/mIoU", float("nan")),

@@ -92,7 +92,7 @@ def test_teacher_follows_the_ramp_after_each_step() -> None:
             for p in module.student.parameters():
                 p.add_(0.05 * (t + 1))
         student_now = dict(module.student.named_parameters())[name].detach().clone()
-        module.on_train_batch_end(None, None, t)
+        module.after_optimizer_step()
         d = min(1 - 1 / (t + 1), 0.99)  # U2PL ramp, t = steps since the copy
         expected = d * teacher_before + (1 - d) * student_now
         assert torch.allclose(dict(module.teacher.module.named_parameters())[name], expected, atol=1e-6)
@@ -151,7 +151,7 @@ def test_teacher_keeps_its_own_bn_statistics_from_the_student_batch() -> None:
     for name, value in bn_buffers(ref).items():
         assert torch.equal(bn_buffers(module.teacher.module)[name], value), name
 
-    module.on_train_batch_end(None, None, 0)  # the EMA leaves the teacher's statistics alone
+    module.after_optimizer_step()  # the EMA leaves the teacher's statistics alone
     for name, value in bn_buffers(ref).items():
         assert torch.equal(bn_buffers(module.teacher.module)[name], value), name
 

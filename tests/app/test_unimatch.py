@@ -228,14 +228,14 @@ def test_unimatch_v2_step_losses_by_hand() -> None:
     assert torch.equal(ctx.cutmix_boxes, torch.stack(box1))
 
     # the EMA after the step: iteration 0 copies the student (parameters and buffers), iteration 1 is d = 0.5
-    module.on_train_batch_end(None, b, 0)
+    module.after_optimizer_step()
     for t, s in zip(module.teacher.module.state_dict().values(), module.student.state_dict().values(), strict=True):
         assert torch.equal(t, s)
     old = copy.deepcopy(module.teacher.module.state_dict())
     with torch.no_grad():
         for p in module.student.parameters():
             p.add_(1.0)
-    module.on_train_batch_end(None, b, 1)
+    module.after_optimizer_step()
     for name, t in module.teacher.module.state_dict().items():
         s = module.student.state_dict()[name]
         want = 0.5 * old[name] + 0.5 * s if t.is_floating_point() else s

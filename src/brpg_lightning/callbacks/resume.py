@@ -1,14 +1,19 @@
-"""Exact resume and pre-emption: RNG states in every checkpoint; a checkpoint on SIGTERM.
+"""Exact resume and pre-emption: RNG states and the loaders' positions in every checkpoint; a checkpoint on
+SIGTERM.
 
 Lightning restores the weights (student and the EMA teacher with its ``steps`` buffer), optimiser, LR
 scheduler, loop position and every callback's ``state_dict`` (BRPG stage, banks, prototypes, thresholds).
-It does not restore the random number generators; :class:`RNGStateCheckpoint` adds them, so a run resumed
-from an epoch-boundary checkpoint continues with the same random stream: the same batch order (the
-samplers draw from torch's global generator), augmentations, CutMix boxes and bank subsampling.
+It does not restore the random number generators; :class:`RNGStateCheckpoint` adds them. The training data
+depends on no generator's history (``data.resumable``: orders and augmentations are functions of the seed,
+epoch and item) and the loaders' positions travel in the checkpoint (:class:`LoaderPosition` loads them), so
+the saved generator state serves the training step alone (CutMix boxes, dropout, bank subsampling): a run
+resumed from any checkpoint, epoch boundary or mid-epoch (``step_checkpoint``, ``preempted.ckpt``), continues
+exactly as the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import random
 from pathlib import Path
@@ -56,6 +61,91 @@ class RNGStateCheckpoint(pl.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class LoaderPosition(pl.Callback):
+    """Resume the training loaders at the position a mid-epoch checkpoint saved (``data.resumable``).
+
+    Lightning saves the stateful loaders' ``state_dict`` in every checkpoint and loads them when it builds the
+    training loaders after the restore. Here the loaders are built earlier, before the restore: the poly schedule
+    asks ``trainer.estimated_stepping_batches`` in ``configure_optimizers``, which sets the loaders up, so
+    Lightning never loads the saved positions (and a resumed epoch would restart at its first batch). This
+    callback loads them at ``on_train_start``, after the restore and before the first batch, and renews the
+    data iterator so that loader workers start from the loaded position.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop
+        states, loader = loop._combined_loader_states_to_load, loop._combined_loader
+        if not states or loader is None:
+            return
+        loader._load_state_dicts(states)
+        loop._combined_loader_states_to_load = []
+        if loop._data_fetcher is not None:
+            iter(loop._data_fetcher)
+
+
+class CsvLogPosition(pl.Callback):
+    """The CSV log (``csv/metrics.csv``) of a resumed run continues where its checkpoint left it: no step twice,
+    none of the earlier rows lost (Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts).
+
+    Every checkpoint flushes the CSV loggers and records how many rows their file holds; resuming in the same run
+    directory cuts the rows written after that point (by the interrupted process: its steps are trained and logged
+    again), before anything new is logged. Rows a step logs after its own checkpoint was written (the step of a
+    step-interval checkpoint) are cut with them and not logged again.
+    """
+
+    KEY = "csv_log_rows"
+
+    def __init__(self) -> None:
+        self.previous: dict[str, list[str]] = {}
+
+    def capture(self, loggers: list[Any]) -> None:
+        """Read the CSV loggers' files before ``fit``: Lightning creates the writers (deleting the files) before
+        any callback hook runs. ``train`` calls it when resuming."""
+        from pytorch_lightning.loggers import CSVLogger
+
+        for logger in loggers:
+            path = Path(logger.log_dir) / "metrics.csv"  # log_dir does not create the writer
+            if isinstance(logger, CSVLogger) and path.is_file():
+                self.previous[str(path.resolve())] = path.read_text().splitlines(keepends=True)
+
+    @staticmethod
+    def _csv_loggers(trainer: pl.Trainer) -> list[Any]:
+        from pytorch_lightning.loggers import CSVLogger
+
+        return [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        rows = {}
+        for logger in self._csv_loggers(trainer):
+            logger.save()
+            path = Path(logger.experiment.metrics_file_path)
+            rows[str(path.resolve())] = _csv_rows(path)[1] if path.is_file() else 0
+        checkpoint[self.KEY] = rows
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(self.KEY) or {}
+        if not trainer.is_global_zero:
+            return
+        for logger in self._csv_loggers(trainer):
+            path = Path(logger.experiment.metrics_file_path)
+            keep, lines = saved.get(str(path.resolve())), self.previous.pop(str(path.resolve()), None)
+            if keep is None or lines is None:
+                continue  # another run directory: nothing of this checkpoint's run to keep
+            count, writer = max(len(lines) - 1, 0), logger.experiment
+            path.write_text("".join(lines[: 1 + min(keep, count)]))
+            if count > keep:
+                rank_zero_info(f"{path}: cut {count - keep} rows logged after the checkpoint (they are logged again)")
+            # the writer knows the file's columns: its header rewrite (on a new key) would drop the others' values
+            header = next(csv.reader(lines[:1]), []) if lines else []
+            writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+
+
+def _csv_rows(path: Path) -> tuple[list[str], int]:
+    """The file's lines (header first) and its number of data rows (one line each: Lightning writes numbers)."""
+    lines = path.read_text().splitlines(keepends=True)
+    return lines, max(len(lines) - 1, 0)
+
+
 def _literal_state(text: str) -> tuple:
     import ast
 
@@ -69,9 +159,8 @@ class PreemptionCheckpoint(pl.Callback):
     Lightning's signal connector turns SIGTERM into a :class:`SIGTERMException` at the next batch boundary
     (broadcast to every DDP rank); this callback then saves a full checkpoint (mid-epoch loop position
     included) before the process exits with status 143 (``brpg_lightning.cli``). Resume with
-    ``ckpt_path=<dirpath>/<filename>``. A mid-epoch resume restarts the epoch's data stream (the loaders are
-    not stateful), so it is resumable but not bit-identical; epoch-boundary checkpoints (``last.ckpt``)
-    resume exactly. Under SLURM, Lightning's ``SLURMEnvironment`` additionally requeues the job on its
+    ``ckpt_path=<dirpath>/<filename>``; the resumed run continues at the checkpoint's batch, exactly as the
+    uninterrupted run (``tests/app/test_mid_epoch_resume.py``). Under SLURM, Lightning's ``SLURMEnvironment`` additionally requeues the job on its
     requeue signal (SIGUSR1 by default, ``#SBATCH --signal=SIGUSR1@90``) with an ``hpc_ckpt_*.ckpt``.
 
     Args:

@@ -10,6 +10,10 @@ labeled loader alone; with no unlabeled images (split "full") an epoch is one pa
 Under DDP, Lightning replaces the labeled sampler (a ``RandomSampler``) by a ``DistributedSampler`` over the
 labeled set repeated to the epoch length, so every rank still has about one unlabeled pass of labeled batches.
 
+Both training loaders resume inside an epoch exactly (``data.resumable``): their orders are functions of
+``(seed, loader, epoch)``, each item's augmentation of ``(seed, loader, epoch, index)``, and their position is
+saved in every checkpoint (Lightning's stateful-loader protocol).
+
 Sources (``layout``): the folder layout's sub-folders (``split_dir`` unset: the synthetic set and a user's own
 tree), or split lists ``<split_dir>/<split>/{labeled,unlabeled}.txt`` + ``<split_dir>/val.txt`` over a
 ``pascal``, ``cityscapes``, ``coco`` or ``folder`` tree (``data.splits``). Names are checked when the
@@ -28,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from brpg_lightning.brpg import distributed as dist
@@ -45,6 +49,7 @@ from brpg_lightning.constants import IGNORE_INDEX
 from brpg_lightning.data.datasets.common import PairDataset, set_max_image_pixels
 from brpg_lightning.data.datasets.folder import FolderDataset, read_classes_file
 from brpg_lightning.data.datasets.synthetic import generate_synthetic, synthetic_class_names
+from brpg_lightning.data.resumable import EpochSampler, ResumableLoader, SeededItems
 from brpg_lightning.data.splits import LAYOUTS, SplitLists, load_split, make_layout, validate_split
 from brpg_lightning.data.transforms import LabeledTransform, UnlabeledTransform, ValTransform
 from brpg_lightning.errors import BRPGInputError
@@ -83,32 +88,6 @@ class RepeatDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index % self.base_len]
-
-
-class CyclingRandomSampler(RandomSampler):
-    """Fresh random permutations of ``range(base_len)`` concatenated and cut at ``num_samples`` indices.
-
-    Every labeled image is seen once per pass before any is seen again. It is a ``RandomSampler`` (torch's
-    global RNG unless ``generator``) so that Lightning treats the loader as shuffled.
-
-    >>> ds = RepeatDataset(list(range(3)), 3)
-    >>> idx = list(CyclingRandomSampler(ds, base_len=3, num_samples=7))
-    >>> len(idx), sorted(idx[:3]), sorted(idx[3:6])
-    (7, [0, 1, 2], [0, 1, 2])
-    """
-
-    def __init__(
-        self, data_source: Sequence[Any] | Dataset, base_len: int, num_samples: int,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(data_source, replacement=False, num_samples=num_samples, generator=generator)  # type: ignore[arg-type]
-        self.base_len = int(base_len)
-
-    def __iter__(self) -> Iterator[int]:
-        remaining = self.num_samples
-        while remaining > 0:
-            yield from torch.randperm(self.base_len, generator=self.generator).tolist()[:remaining]
-            remaining -= self.base_len
 
 
 def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -230,6 +209,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             None (default, every normal run): unlabeled batches carry no masks.
         strong_views: strong views per unlabeled item, the method's ``strong_views`` (set by
             ``train.build_datamodule``): 2 adds ``"image_strong2"`` (UniMatch).
+        seed: the run's ``seed`` (set by ``train.build_datamodule``): the training loaders' orders and every
+            item's augmentation are functions of it, the epoch and the item (``data.resumable``), so that a run
+            resumed inside an epoch reads the same data.
     """
 
     def __init__(
@@ -267,8 +249,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         class_census_items: int = 2000,
         method: str | None = None,
         strong_views: int = 1,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         if missing_classes not in MISSING_CLASSES:
             raise BRPGInputError(f"dataset.missing_classes={missing_classes!r}; expected one of {', '.join(MISSING_CLASSES)}")
         self.missing_classes, self.class_census_items = str(missing_classes), int(class_census_items)
@@ -440,8 +424,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return len(self.labeled_set) // self.batch_size_labeled
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, loader_class: type[DataLoader] = DataLoader,
+                **kwargs: Any) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -452,22 +437,29 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
+        """Both training loaders, resumable inside an epoch (``data.resumable``): orders from ``(seed, loader,
+        epoch)``, each item's augmentation from ``(seed, loader, epoch, index)``."""
         self._build_train()
         assert self.labeled_set is not None
         iters = self.iterations_per_epoch
+        n_l = len(self.labeled_set)
         if self.num_unlabeled_images:  # labeled cycles to exactly `iters` batches
-            n_l, needed = len(self.labeled_set), iters * self.batch_size_labeled
-            repeated = RepeatDataset(self.labeled_set, math.ceil(needed / n_l), length=needed)
-            sampler = CyclingRandomSampler(repeated, base_len=n_l, num_samples=needed)
-            labeled = self._loader(repeated, self.batch_size_labeled, sampler=sampler, drop_last=True)
+            needed = iters * self.batch_size_labeled
+            labeled_set: Dataset = RepeatDataset(self.labeled_set, math.ceil(needed / n_l), length=needed)
         else:
-            labeled = self._loader(self.labeled_set, self.batch_size_labeled, shuffle=True, drop_last=True)
-        loaders: dict[str, DataLoader] = {"labeled": labeled}
+            needed, labeled_set = n_l, self.labeled_set
+        loaders: dict[str, DataLoader] = {
+            "labeled": self._train_loader(labeled_set, self.batch_size_labeled, 0, n_l, needed)}
         if self.use_unlabeled and self.unlabeled_set is not None and len(self.unlabeled_set):
-            loaders["unlabeled"] = self._loader(
-                self.unlabeled_set, self.batch_size_unlabeled, shuffle=True, drop_last=True
-            )
+            loaders["unlabeled"] = self._train_loader(self.unlabeled_set, self.batch_size_unlabeled, 1)
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _train_loader(self, dataset: Dataset, batch_size: int, stream: int, base_len: int | None = None,
+                      num_samples: int | None = None) -> DataLoader:
+        items = SeededItems(dataset)
+        sampler = EpochSampler(items, self.seed, stream, base_len=base_len, num_samples=num_samples)
+        return self._loader(items, batch_size, sampler=sampler, drop_last=True, seed=self.seed, stream=stream,
+                            loader_class=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -250,8 +250,8 @@ class SegmentationModule(pl.LightningModule):
         outside a fit). Lightning's own decision (its epoch loop's ``_should_accumulate``: every ``k``-th batch
         of an epoch, and the epoch's last batch), the same from ``training_step`` to ``on_train_batch_end``.
 
-        What advances once per optimiser step reads it: the EMA teacher (``on_train_batch_end`` of the methods
-        with one), BRPG's prototype EMA and class thresholds (``TrainStepContext.optimizer_step``). Lightning
+        BRPG's prototype EMA and class thresholds read it (``TrainStepContext.optimizer_step``); the EMA teacher
+        needs no flag (:meth:`after_optimizer_step` runs only when the optimiser steps). Lightning
         itself steps the poly schedule per optimiser step, counts ``global_step`` in optimiser steps, sizes
         ``total_steps`` (``estimated_stepping_batches``) accordingly, and divides the returned loss by ``k``.
         """
@@ -320,6 +320,17 @@ class SegmentationModule(pl.LightningModule):
         total, power = self.total_steps, float(cfg["poly_power"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: poly_lr_factor(step, total, power))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's optimiser step, then :meth:`after_optimizer_step`. Inside the step rather than in
+        ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (a step-interval checkpoint)
+        before the module's, so a checkpoint written at the end of a step would miss that step's teacher update.
+        Under gradient accumulation Lightning calls it once per optimiser step, after the last micro-batch."""
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """What follows every optimiser step (mean teacher, UniMatch V2: the teacher's EMA update); nothing here."""
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_start(self) -> None:

@@ -168,10 +168,9 @@ class MeanTeacher(SegmentationModule):
         self.log_train("train/unsup_kept", keep.float().mean(), b_l)
         return ctx
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update of the teacher after the optimiser step (Sec. 3.3); with gradient accumulation once per
-        optimiser step, after the last micro-batch (:meth:`optimizer_steps_now`), so ``t`` counts optimiser
-        steps."""
-        if bool(self.teacher_ready) and self.optimizer_steps_now():
+    def after_optimizer_step(self) -> None:
+        """EMA update of the teacher after the optimiser step (Sec. 3.3); Lightning calls ``optimizer_step`` once
+        per optimiser step, so with gradient accumulation ``t`` counts optimiser steps."""
+        if bool(self.teacher_ready):
             decay = self.teacher.update(self.student)
             self.log("train/ema_decay", decay, batch_size=1)

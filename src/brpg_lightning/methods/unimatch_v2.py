@@ -145,8 +145,7 @@ class UniMatchV2(SegmentationModule):
         self.log_train("train/unsup_kept", views.kept(self.eta), x_l.shape[0])
         return ctx
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         """EMA update of the teacher after the optimiser step (every step, warm-up included; with gradient
-        accumulation once per optimiser step, after the last micro-batch)."""
-        if self.optimizer_steps_now():
-            self.log("train/ema_decay", self.teacher.update(self.student), batch_size=1)
+        accumulation once per optimiser step)."""
+        self.log("train/ema_decay", self.teacher.update(self.student), batch_size=1)
