@@ -84,7 +84,7 @@ def run_config_for(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         protocol = eval_protocol_for(ckpt, overrides)
         run_cfg.dataset.val_mode, run_cfg.dataset.val_crop_size = protocol.mode, protocol.crop_size
         run_cfg.dataset.val_stride = protocol.stride
-    check_class_count(ckpt, run_cfg.dataset.num_classes, cfg.ckpt_path,
+    check_class_count(ckpt, run_cfg.dataset.num_classes, cfg.get("ckpt_path"),
                       f"expected a dataset of {stored} classes (a model scores only the classes it was trained on)")
     return run_cfg
 

@@ -130,7 +130,7 @@ def test_split_flows_into_the_dataset(tmp_path: Path) -> None:
 def test_num_threads_is_fixed_by_the_synthetic_preset_and_validated(tmp_path: Path) -> None:
     from brpg_lightning.train import check_run
 
-    assert compose_cfg(output_dir=tmp_path).num_threads == 2  # one run per seed on any machine of 2+ cores
+    assert compose_cfg(output_dir=tmp_path).num_threads == 1  # one run per seed on any machine
     assert compose_cfg("dataset=folder", "dataset.num_classes=3", output_dir=tmp_path).num_threads is None
     for bad in ("0", "-1", "true"):
         with pytest.raises(BRPGInputError, match="num_threads"):

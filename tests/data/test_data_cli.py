@@ -77,3 +77,30 @@ def test_real_layout_trees_train(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert objects["module"].eval_protocol.mode == cfg.dataset.val_mode
     assert 0.0 <= summary["final_mIoU"] <= 1.0 and 0.0 <= summary["best_mIoU"] <= 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_mIoU"] == summary["final_mIoU"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["unimatch", "unimatch_v2"])
+def test_unimatch_on_dpt_dinov2_with_brpg_trains_on_a_real_layout(tmp_path: Path, method: str) -> None:
+    """Today's frameworks and backbone on a user's PASCAL tree: ``method=unimatch|unimatch_v2 model=dpt_dinov2_small``
+    (a narrow tiny ViT, no weights) with BRPG through clustering into the prototype stage, then evaluated."""
+    from tests.models.test_dpt import TINY_OVERRIDES
+
+    from brpg_lightning.brpg.callback import brpg_callbacks
+    from brpg_lightning.evaluate import run as evaluate
+
+    root = pascal_tree(tmp_path / "d")[0]
+    cfg = compose_cfg(
+        "dataset=pascal", f"dataset.root={root}", f"dataset.split_dir={root / 'splits'}", "split=92",
+        f"method={method}", *TINY_OVERRIDES, "dataset.crop_size=28", "dataset.val_crop_size=28",
+        "dataset.batch_size_labeled=2", "dataset.batch_size_unlabeled=2", "dataset.num_workers=0",
+        "trainer.max_epochs=3", "+trainer.limit_train_batches=2", "trainer.accelerator=cpu", "T_S1=1", "T_S2=2",
+        "++brpg.grid=4", "++brpg.M_u=8", "++brpg.V=64", "++brpg.sample_num=8",
+        "callbacks.progress_bar.refresh_rate=0", output_dir=tmp_path / "run",
+    )
+    summary, objects = train(cfg)
+    assert next(iter(brpg_callbacks(objects["trainer"]).values())).memory.prototypes is not None
+    assert np.isfinite(summary["metrics"]["train/L_pro"])
+    miou = evaluate(compose_cfg(f"ckpt_path={summary['last_checkpoint']}", "trainer.accelerator=cpu",
+                                f"report_dir={tmp_path / 'eval'}", config_name="evaluate"))
+    assert miou == pytest.approx(summary["metrics"]["val/mIoU"], abs=1e-5)  # the stored protocol, same numbers

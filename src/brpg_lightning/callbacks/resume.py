@@ -115,6 +115,8 @@ class CsvLogPosition(pl.Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:  # only rank 0 has the CSV writer (the others' experiment is a stand-in)
+            return
         rows = {}
         for logger in self._csv_loggers(trainer):
             logger.save()
