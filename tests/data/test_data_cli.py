@@ -84,10 +84,9 @@ def test_real_layout_trees_train(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_unimatch_on_dpt_dinov2_with_brpg_trains_on_a_real_layout(tmp_path: Path, method: str) -> None:
     """Today's frameworks and backbone on a user's PASCAL tree: ``method=unimatch|unimatch_v2 model=dpt_dinov2_small``
     (a narrow tiny ViT, no weights) with BRPG through clustering into the prototype stage, then evaluated."""
-    from tests.models.test_dpt import TINY_OVERRIDES
-
     from brpg_lightning.brpg.callback import brpg_callbacks
     from brpg_lightning.evaluate import run as evaluate
+    from tests.models.test_dpt import TINY_OVERRIDES
 
     root = pascal_tree(tmp_path / "d")[0]
     cfg = compose_cfg(
