@@ -9,7 +9,7 @@
   numpy's and Python's global generators seeded by ``item_seed`` and restored afterwards, in the main process
   or a worker alike; so an item's augmentation depends on neither the worker that loads it nor the items before
   it, and skipped items need not be decoded.
-* :class:`ResumableLoader`: a ``DataLoader`` that hands ``(index, seed(seed, stream, epoch, index))`` keys to its
+* :class:`ResumableLoader`: a ``DataLoader`` that hands ``(index, seed(seed, stream, epoch, position, index))`` keys to its
   dataset and implements Lightning's stateful-loader protocol (``state_dict``/``load_state_dict`` on the loader
   object: the fit loop saves it in every checkpoint and loads it before the interrupted epoch resumes). Its state
   is ``{"epoch", "batches"}``, the batches the training loop took in that epoch; resuming skips that many batches
@@ -111,9 +111,12 @@ class _SeededBatches:
         loader = self.loader
         epoch = int(getattr(loader.sampler, "epoch", 0))
         skip = loader._start(epoch)
-        for i, batch in enumerate(self.batches):
+        position = 0  # the item's place in the epoch: a cycled labeled set repeats an index, never a position,
+        for i, batch in enumerate(self.batches):  # so every repeat draws its own augmentation
             if i >= skip:
-                yield [(int(index), mixed_seed(loader.seed, loader.stream, epoch, int(index))) for index in batch]
+                yield [(int(index), mixed_seed(loader.seed, loader.stream, epoch, position + j, int(index)))
+                       for j, index in enumerate(batch)]
+            position += len(batch)
 
 
 class _Counted:
