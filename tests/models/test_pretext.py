@@ -84,3 +84,14 @@ def test_shipped_encoder_matches_its_card_and_loads_into_the_default_model() -> 
     assert all(torch.equal(saved[k].to(own[k].dtype), own[k]) for k in saved)
     for experiment in ("sup_only", "ceiling"):  # every Table 6 row starts from the same encoder
         assert compose_cfg(f"experiment={experiment}").model.weights_path == str(path)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [(["--steps", "0"], "--steps=0; expected an integer >= 1"),
+                                                (["--threads", "0"], "--threads=0; expected an integer >= 1")])
+def test_pretraining_tool_bad_arguments_are_one_line(tmp_path, capsys, args: list[str], fragment: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--out", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written
